@@ -1,0 +1,31 @@
+# One entry point for everything a user runs. `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-14s %s\n", $$1, $$2}'
+
+# The venv is (re)built whenever requirements.txt changes.
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create or refresh the local virtual environment from the pins
+
+test: $(STAMP) ## run the test suite (CPU: Triton kernels under TRITON_INTERPRET=1)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q $(ARGS)
+
+test-gpu: ## run the test suite compiled on a CUDA GPU (uses the current python)
+	$(PYTHON) -m pytest -q $(ARGS)
+
+bench: ## attention kernel TFLOP/s and memory vs SDPA / standard attention (CUDA)
+	$(PYTHON) scripts/bench_attention.py $(ARGS)
+
+.PHONY: help venv test test-gpu bench

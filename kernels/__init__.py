@@ -1,0 +1,9 @@
+"""Attention ops: our Triton FlashAttention (forward, recomputation backward) behind a flash-attn API.
+
+Read in this order: ``reference.py`` (PyTorch oracle and CPU path) -> ``mask.py`` (who sees whom)
+-> ``flash_fwd.py`` / ``flash_bwd.py`` (Triton kernels) -> ``launch.py`` (launch parameters, grids)
+-> ``flash_attn.py`` (autograd Function, public functions).
+"""
+from .flash_attn import flash_attn_func, flash_attn_varlen_func
+
+__all__ = ["flash_attn_func", "flash_attn_varlen_func"]

@@ -1,0 +1,277 @@
+"""FlashAttention backward in Triton: recompute P from Q, K and the saved LSE; nothing N x N is stored.
+
+Three launches:
+- ``_attn_bwd_preprocess``: delta = rowsum(dO * O) (minus dLSE when the LSE itself gets a gradient,
+  since d lse_i / d s_ij = p_ij).
+- ``_attn_bwd_dkdv``: one program per key block of one KV head; it walks every query head of its
+  GQA group and the query blocks that see it, so dK/dV are summed over the group in fp32 registers
+  with no atomics.
+- ``_attn_bwd_dq``: one program per query block; walks the key blocks like the forward.
+Seven matrix products per tile pair instead of five with an atomic fp32 dQ: deterministic, and each
+pass is tuned on its own.
+"""
+import triton
+import triton.language as tl
+
+from .flash_fwd import _dot
+from .mask import _kv_block_range, _q_block_range, _tile_visible
+
+
+
+@triton.jit
+def _attn_bwd_preprocess(Out, DOut, DLse, Delta, num_rows,
+                         stride_ob, stride_om, stride_oh,
+                         stride_dob, stride_dom, stride_doh,
+                         stride_lb, stride_lh,
+                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                         BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
+    # grid: (cdiv(num_rows, BLOCK_M), batch * heads); rows are positions along the sequence axis
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NUM_HEADS).to(tl.int64)
+    h = (pid_bh % NUM_HEADS).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = offs_m < num_rows
+    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m.to(tl.int64)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    l_off = b * stride_lb + h * stride_lh + rows
+    if HAS_DLSE:
+        delta -= tl.load(DLse + l_off, mask=row_ok, other=0.0)
+    tl.store(Delta + l_off, delta, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                         stride_qm, stride_dom, offs_n, offs_d, start, end,
+                         seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+                         BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                         MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    offs_r = tl.arange(0, BLOCK_M)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    q_ptrs = q_base + start.to(tl.int64) * stride_qm + offs_r[:, None] * stride_qm + offs_d[None, :]
+    do_ptrs = do_base + start.to(tl.int64) * stride_dom + offs_r[:, None] * stride_dom + offs_d[None, :]
+    for start_m in tl.range(start, end, BLOCK_M):
+        offs_m = start_m + offs_r
+        if MASKED:
+            row_ok = offs_m < seqlen_q
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask, other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & d_mask, other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            if HEAD_DIM == HEAD_DIM_PAD:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=d_mask, other=0.0)
+                do = tl.load(do_ptrs, mask=d_mask, other=0.0)
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        # rows that saw no key have LSE -inf; +inf makes their P exactly 0 instead of NaN
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        qkT = _dot(k, tl.trans(q), None, PRECISION)       # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if MASKED:
+            visT = _tile_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                                 HAS_LEFT, HAS_RIGHT)
+            pT = tl.where(tl.trans(visT), pT, 0.0)
+        dv = _dot(pT.to(do.dtype), do, dv, PRECISION)
+        dpT = _dot(v, tl.trans(do), None, PRECISION)       # (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(q.dtype), q, dk, PRECISION)
+        q_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DOut, LSE, Delta, DK, DV, CuSeqlensQ, CuSeqlensK,
+                   sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_n_blocks,
+                   stride_qb, stride_qm, stride_qh,
+                   stride_kb, stride_kn, stride_kh,
+                   stride_vb, stride_vn, stride_vh,
+                   stride_dob, stride_dom, stride_doh,
+                   stride_dkb, stride_dkn, stride_dkh,
+                   stride_dvb, stride_dvn, stride_dvh,
+                   stride_lb, stride_lh,
+                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HEAD_DIM_PAD >= 16)
+    pid = tl.program_id(0)
+    pid_bh = pid // num_n_blocks
+    pid_n = pid % num_n_blocks
+    b = pid_bh // NUM_KV_HEADS
+    hk = pid_bh % NUM_KV_HEADS
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + b)
+        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + b)
+        seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    b64 = b.to(tl.int64)
+    k_row0 = (k_start + start_n).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_c
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    kv_mask = (offs_n < seqlen_k)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_row0 * stride_kn
+                + offs_c[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_row0 * stride_vn
+                + offs_c[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+
+    lo, mid_lo, mid_hi, hi = _q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    q_row0 = q_start.to(tl.int64)
+    for g in range(GROUP):
+        h = (hk * GROUP + g).to(tl.int64)
+        q_base = Q + b64 * stride_qb + h * stride_qh + q_row0 * stride_qm
+        do_base = DOut + b64 * stride_dob + h * stride_doh + q_row0 * stride_dom
+        lse_base = LSE + b64 * stride_lb + h * stride_lh + q_row0
+        delta_base = Delta + b64 * stride_lb + h * stride_lh + q_row0
+        if HAS_RIGHT:  # query rows entering at the diagonal / right window edge: masked
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                          stride_qm, stride_dom, offs_n, offs_d, lo, mid_lo,
+                                          seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+                                          BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
+                                          PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                      stride_qm, stride_dom, offs_n, offs_d, mid_lo, mid_hi,
+                                      seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+                                      BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
+                                      PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                      stride_qm, stride_dom, offs_n, offs_d, mid_hi, hi,
+                                      seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+                                      BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
+                                      PRECISION)
+    dk_base = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkn
+    dv_base = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvn
+    tl.store(dk_base + offs_c[:, None] * stride_dkn + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_base + offs_c[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
+                       offs_m, offs_d, start, end, seqlen_q, seqlen_k, window_left, window_right,
+                       qk_scale,
+                       BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                       MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    d_mask = offs_d[None, :] < HEAD_DIM
+    k_ptrs = k_base + start.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = v_base + start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+    for start_n in tl.range(start, end, BLOCK_N):
+        if MASKED:
+            kv_mask = ((start_n + offs_n)[:, None] < seqlen_k) & d_mask
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif HEAD_DIM == HEAD_DIM_PAD:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=d_mask, other=0.0)
+        qk = _dot(q, tl.trans(k), None, PRECISION)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            vis = _tile_visible(offs_m, start_n + offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                                HAS_LEFT, HAS_RIGHT)
+            p = tl.where(vis, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, PRECISION)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK,
+                 sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_m_blocks,
+                 stride_qb, stride_qm, stride_qh,
+                 stride_kb, stride_kn, stride_kh,
+                 stride_vb, stride_vn, stride_vh,
+                 stride_dob, stride_dom, stride_doh,
+                 stride_dqb, stride_dqm, stride_dqh,
+                 stride_lb, stride_lh,
+                 NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HEAD_DIM_PAD >= 16)
+    pid = tl.program_id(0)
+    pid_bh = pid // num_m_blocks
+    pid_m = num_m_blocks - 1 - pid % num_m_blocks
+    b = pid_bh // NUM_HEADS
+    h = pid_bh % NUM_HEADS
+    hk = h // GROUP
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + b)
+        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + b)
+        seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_row0 = (q_start + start_m).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_r
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = offs_m < seqlen_q
+    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + q_row0 * stride_qm
+                + offs_r[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + q_row0 * stride_dom
+                 + offs_r[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+    l_off = b64 * stride_lb + h64 * stride_lh + q_row0 + offs_r
+    lse = tl.load(LSE + l_off, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_kn + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vn + hk.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+
+    lo, mid_lo, mid_hi, hi = _kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    if HAS_LEFT:
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
+                                offs_m, offs_d, lo, mid_lo, seqlen_q, seqlen_k, window_left,
+                                window_right, qk_scale,
+                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT, PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
+                            offs_m, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, window_left,
+                            window_right, qk_scale,
+                            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT, PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
+                            offs_m, offs_d, mid_hi, hi, seqlen_q, seqlen_k, window_left,
+                            window_right, qk_scale,
+                            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT, PRECISION)
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_row0 * stride_dqm
+             + offs_r[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=q_mask)

@@ -1,0 +1,197 @@
+"""Launchers for the Triton attention kernels: launch parameters, allocation, strides and grids.
+
+Inputs arrive already checked (``kernels/validate.py``). Both layouts go through the same kernels:
+batch (B, N, H, D) passes a batch stride; varlen (total, H, D) passes batch stride 0 and the
+cu_seqlens pointers, and each program reads its document's bounds from them.
+"""
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from .flash_fwd import _attn_fwd
+
+# Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at import: record it once.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    BLOCK_M: int       # query rows per tile
+    BLOCK_N: int       # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+# Launch parameters per (pass, padded head dim) for Hopper, chosen by `make bench ARGS=--sweep`
+# (docs/perf-notes.md has the numbers). The backward dK/dV pass holds a BLOCK_N key tile and walks
+# BLOCK_M query rows; the dQ pass holds BLOCK_M query rows and walks BLOCK_N keys.
+_SM90 = {
+    "fwd": {64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 3),
+            256: KernelConfig(64, 64, 8, 2)},
+    "dkdv": {64: KernelConfig(64, 128, 8, 3), 128: KernelConfig(64, 128, 8, 2),
+             256: KernelConfig(32, 64, 8, 1)},
+    "dq": {64: KernelConfig(128, 64, 8, 3), 128: KernelConfig(128, 64, 8, 2),
+           256: KernelConfig(64, 32, 8, 1)},
+}
+# Ampere / Ada and anything else: less shared memory, so shallower pipelines.
+_GENERIC = {
+    "fwd": {64: KernelConfig(128, 64, 4, 2), 128: KernelConfig(128, 32, 8, 2),
+            256: KernelConfig(64, 32, 8, 1)},
+    "dkdv": {64: KernelConfig(32, 128, 8, 2), 128: KernelConfig(32, 64, 8, 2),
+             256: KernelConfig(16, 32, 8, 1)},
+    "dq": {64: KernelConfig(64, 64, 8, 2), 128: KernelConfig(64, 32, 8, 2),
+           256: KernelConfig(32, 32, 8, 1)},
+}
+# fp32 inputs use full-precision (non-tf32) dots: smaller tiles.
+_FP32 = {"fwd": KernelConfig(64, 32, 4, 2), "dkdv": KernelConfig(32, 64, 4, 2),
+         "dq": KernelConfig(64, 32, 4, 2)}
+# The interpreter runs each program in numpy; small tiles exercise every masked / unmasked path on
+# the short sequences the CPU tests can afford.
+_INTERPRETER = KernelConfig(32, 16, 1, 1)
+
+_overrides: dict[str, KernelConfig] = {}
+
+
+@contextlib.contextmanager
+def override_configs(**configs: KernelConfig):
+    """Force launch parameters, e.g. ``override_configs(fwd=KernelConfig(...))``: tests and sweeps."""
+    old = dict(_overrides)
+    _overrides.update(configs)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(old)
+
+
+def get_config(pass_name: str, head_dim_pad: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
+    if pass_name in _overrides:
+        return _overrides[pass_name]
+    if device.type != "cuda":
+        return _INTERPRETER
+    if dtype == torch.float32:
+        cfg = _FP32[pass_name]
+        return cfg if head_dim_pad <= 128 else KernelConfig(32, 32, 4, 1)
+    table = _SM90 if torch.cuda.get_device_capability(device)[0] >= 9 else _GENERIC
+    return table[pass_name][max(64, head_dim_pad)]
+
+
+def _head_dim_pad(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _seq_strides(t: torch.Tensor, varlen: bool):
+    """(batch, row, head) strides; varlen tensors have no batch axis (stride 0)."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _precision(dtype):
+    # tf32 would cost fp32 inputs ~3 decimal digits; fp16/bf16 products are exact in fp32 anyway.
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if INTERPRET and dtype == torch.bfloat16 else "tf32"
+
+
+def _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        return varlen, cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+    return varlen, q.shape[0], q.shape[1], k.shape[1]
+
+
+def _lse_strides(lse, varlen):
+    # batch: (B, H, Nq); varlen: (H, total_q)
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _contig_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
+             max_seqlen_q=None, max_seqlen_k=None):
+    """Returns ``out`` like q and ``lse`` fp32 ((B, H, Nq) or (H, total_q))."""
+    q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
+    varlen, batch, seqlen_q, seqlen_k = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    nheads, nheads_k, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    d_pad = _head_dim_pad(head_dim)
+    if varlen:   # rows outside every document are never visited: start them at 0 / -inf
+        out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+        lse = torch.full((nheads, q.shape[0]), float("-inf"), device=q.device, dtype=torch.float32)
+    else:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
+    cfg = get_config("fwd", d_pad, q.dtype, q.device)
+    num_m = triton.cdiv(seqlen_q, cfg.BLOCK_M)
+    grid = (num_m * batch * nheads,)
+    if grid[0] == 0:
+        return out, lse
+    _attn_fwd[grid](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        scale * LOG2E, seqlen_q, seqlen_k, left, right, num_m,
+        *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
+        *_seq_strides(out, varlen), *_lse_strides(lse, varlen),
+        NUM_HEADS=nheads, GROUP=nheads // nheads_k, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, IS_VARLEN=varlen,
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
+             max_seqlen_q=None, max_seqlen_k=None):
+    """Gradients (dq, dk, dv) of ``out`` (and of ``lse`` when ``dlse`` is given)."""
+    dout = _contig_last(dout)
+    q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
+    varlen, batch, seqlen_q, seqlen_k = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    nheads, nheads_k, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    d_pad = _head_dim_pad(head_dim)
+    alloc = torch.zeros_like if varlen else torch.empty_like
+    dq = alloc(q, memory_format=torch.contiguous_format)
+    dk = alloc(k, memory_format=torch.contiguous_format)
+    dv = alloc(v, memory_format=torch.contiguous_format)
+    delta = torch.empty_like(lse)
+    lse_strides = _lse_strides(lse, varlen)
+    if dlse is not None:
+        dlse = dlse.contiguous()
+
+    rows = q.shape[0] if varlen else seqlen_q
+    pre_block = 64 if q.device.type == "cuda" else 32
+    pre_grid = (triton.cdiv(rows, pre_block), (1 if varlen else batch) * nheads)
+    if pre_grid[0] * pre_grid[1] > 0:
+        _attn_bwd_preprocess[pre_grid](
+            out, dout, dlse, delta, rows,
+            *_seq_strides(out, varlen), *_seq_strides(dout, varlen), *lse_strides,
+            NUM_HEADS=nheads, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M=pre_block,
+            HAS_DLSE=dlse is not None)
+
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, IS_VARLEN=varlen,
+                  HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PRECISION=_precision(q.dtype))
+    cfg = get_config("dkdv", d_pad, q.dtype, q.device)
+    num_n = triton.cdiv(seqlen_k, cfg.BLOCK_N)
+    if num_n * batch * nheads_k > 0:
+        _attn_bwd_dkdv[(num_n * batch * nheads_k,)](
+            q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+            scale, scale * LOG2E, seqlen_q, seqlen_k, left, right, num_n,
+            *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
+            *_seq_strides(dout, varlen), *_seq_strides(dk, varlen), *_seq_strides(dv, varlen),
+            *lse_strides, NUM_KV_HEADS=nheads_k, GROUP=nheads // nheads_k,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **common,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = get_config("dq", d_pad, q.dtype, q.device)
+    num_m = triton.cdiv(seqlen_q, cfg.BLOCK_M)
+    if num_m * batch * nheads > 0:
+        _attn_bwd_dq[(num_m * batch * nheads,)](
+            q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+            scale, scale * LOG2E, seqlen_q, seqlen_k, left, right, num_m,
+            *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
+            *_seq_strides(dout, varlen), *_seq_strides(dq, varlen),
+            *lse_strides, NUM_HEADS=nheads, GROUP=nheads // nheads_k,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **common,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq, dk, dv

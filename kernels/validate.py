@@ -1,0 +1,102 @@
+"""Argument checks for the public attention functions: fail fast with the argument's name.
+
+Everything here runs before any allocation or launch, so bad input never reaches Triton as a compile
+error, an illegal memory access or a silently wrong answer.
+"""
+import math
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _check_tensor(name, t, ndim, layout):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def check_qkv(q, k, v, varlen: bool):
+    """Shapes, dtypes and devices of q/k/v; returns (nheads, nheads_k, head_dim)."""
+    ndim = 3 if varlen else 4
+    qs = "(total_q, nheads, headdim)" if varlen else "(batch, seqlen_q, nheads, headdim)"
+    ks = "(total_k, nheads_k, headdim)" if varlen else "(batch, seqlen_k, nheads_k, headdim)"
+    _check_tensor("q", q, ndim, qs)
+    _check_tensor("k", k, ndim, ks)
+    _check_tensor("v", v, ndim, ks)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k must have q's batch size {q.shape[0]}, got {k.shape[0]}")
+    nheads, head_dim = q.shape[-2], q.shape[-1]
+    nheads_k = k.shape[-2]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k must have q's head dim {head_dim}, got {k.shape[-1]}")
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        raise ValueError(f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k})")
+    if head_dim % 8 != 0 or not 8 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be a multiple of 8 between 8 and {MAX_HEAD_DIM}, got {head_dim}")
+    return nheads, nheads_k, head_dim
+
+
+def check_options(head_dim, softmax_scale, window_size):
+    """Checks window_size; returns the softmax scale to use (head_dim ** -0.5 by default)."""
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
+            or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite float or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """cu_seqlens: int32, 1-D, same length, start at 0, non-decreasing, within the totals.
+
+    Reads the (tiny) offsets back to the host once, so max_seqlen can be checked too: a max_seqlen
+    smaller than a document would silently drop rows from the launch grid.
+    """
+    for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be 1-D of length batch + 1 >= 2, got shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+        mname = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0:
+            raise ValueError(f"{mname} must be a non-negative int, got {max_len!r}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
+                         f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    if torch.compiler.is_compiling():
+        return
+    for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        lens = cu.diff()
+        first, last, min_len, longest = torch.stack(
+            [cu[0], cu[-1], lens.min(), lens.max()]).tolist()
+        if first != 0:
+            raise ValueError(f"{name} must start at 0, got {first}")
+        if min_len < 0:
+            raise ValueError(f"{name} must be non-decreasing (document lengths >= 0)")
+        if last > total:
+            raise ValueError(f"{name}[-1] = {last} exceeds the {total} rows of "
+                             f"{'q' if name.endswith('q') else 'k'}")
+        mname = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
+        if longest > max_len:
+            raise ValueError(f"{mname} = {max_len} is smaller than the longest document ({longest})")

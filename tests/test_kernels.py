@@ -1,0 +1,345 @@
+"""The Triton attention kernels against a float64 oracle: outputs, LSE and gradients.
+
+Criterion (as in flash-attn's own tests): the kernel's max error against standard attention in
+float64 is at most 2x the error of standard attention computed in the kernel's precision (products
+in the input dtype, softmax in fp32), plus a small absolute epsilon. On CPU the kernels run in
+Triton's interpreter (tests/conftest.py); with CUDA the same tests run compiled.
+"""
+import math
+
+import pytest
+import torch
+
+import kernels.flash_attn as flash_attn_module
+from kernels import flash_attn_func, flash_attn_varlen_func
+from kernels.launch import KernelConfig, override_configs
+from kernels.reference import attention_ref, blockwise_attention
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _grads(fn, inputs, dout, dlse):
+    """Run ``fn`` (returns out, lse) and backprop ``sum(out * dout) + sum(lse * dlse)``."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out, lse = fn(*inputs)
+    loss = (out.double() * dout.double()).sum()
+    if dlse is not None:
+        loss = loss + (lse.double().nan_to_num(0.0, 0.0, 0.0) * dlse.double()).sum()
+    loss.backward()
+    return out.detach(), lse.detach(), [t.grad for t in inputs]
+
+
+def _max_err(a, b):
+    a, b = a.double(), b.double()
+    # -inf LSE rows must agree exactly; compare the finite rest
+    if (a == -math.inf).any() or (b == -math.inf).any():
+        assert torch.equal(a == -math.inf, b == -math.inf), "rows with LSE -inf differ"
+        fin = torch.isfinite(b)
+        a, b = a[fin], b[fin]
+    assert not torch.isnan(a).any(), "NaN in kernel result"
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def check_against_oracle(kernel_fn, ref_fn, inputs, dlse=False):
+    """kernel_fn / ref_fn: (q, k, v) -> (out, lse). Compares out, lse, dq, dk, dv."""
+    q = inputs[0]
+    out_shape = q.shape
+    dout = torch.randn(out_shape, device=q.device, dtype=q.dtype)
+    got_out, got_lse, got_g = _grads(kernel_fn, inputs, dout, None)
+    dl = torch.randn_like(got_lse) if dlse else None
+    if dlse:
+        got_out, got_lse, got_g = _grads(kernel_fn, inputs, dout, dl)
+    ref_out, ref_lse, ref_g = _grads(ref_fn, [t.double() for t in inputs], dout, dl)
+    low_out, low_lse, low_g = _grads(ref_fn, inputs, dout, dl)
+    names = ["out", "lse", "dq", "dk", "dv"]
+    for name, got, ref, low in zip(names, [got_out, got_lse, *got_g], [ref_out, ref_lse, *ref_g],
+                                   [low_out, low_lse, *low_g]):
+        err, base = _max_err(got, ref), _max_err(low, ref)
+        # epsilon as flash-attn's tests: twice the rounding error of the dtype at the values' scale
+        finite = ref[torch.isfinite(ref)].to(q.dtype)
+        eps = 1e-5 + (2 * (finite + 0.3 - 0.3 - finite).abs().max().item() if finite.numel() else 0)
+        assert err <= 2 * base + eps, f"{name}: error {err:.3g} > 2 x {base:.3g} + {eps:.1g}"
+
+
+def make_qkv(B, Nq, Nk, H, Hk, D, dtype, device, scale=1.0):
+    q = torch.randn(B, Nq, H, D, dtype=dtype, device=device) * scale
+    k = torch.randn(B, Nk, Hk, D, dtype=dtype, device=device) * scale
+    v = torch.randn(B, Nk, Hk, D, dtype=dtype, device=device)
+    return q, k, v
+
+
+def check_batch(B, Nq, Nk, H, Hk, D, dtype, device, causal=False, window=(-1, -1), dlse=False, scale=1.0):
+    inputs = make_qkv(B, Nq, Nk, H, Hk, D, dtype, device, scale)
+    check_against_oracle(
+        lambda q, k, v: flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True),
+        lambda q, k, v: attention_ref(q, k, v, causal=causal, window_size=window), inputs, dlse)
+
+
+SHAPES = [  # (B, Nq, Nk, H, Hk, D): odd lengths, Nq != Nk both ways, GQA, padded head dims
+    (2, 1, 1, 2, 2, 32),
+    (1, 17, 17, 2, 2, 64),
+    (2, 97, 97, 4, 2, 80),
+    (1, 64, 129, 2, 1, 128),
+    (1, 129, 64, 3, 3, 40),
+]
+
+
+def _id(s):
+    B, Nq, Nk, H, Hk, D = s
+    return f"B{B}-Nq{Nq}-Nk{Nk}-H{H}-Hk{Hk}-D{D}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_forward_backward(shape, causal, dtype, device):
+    check_batch(*shape, dtype, device, causal=causal)
+
+
+@pytest.mark.parametrize("D", [8, 16, 96, 256])
+def test_head_dims(D, device):
+    check_batch(1, 33, 40, 2, 1, D, torch.bfloat16, device, causal=True)
+
+
+@pytest.mark.parametrize("Hk", [1, 2, 3], ids=["mqa", "gqa3", "gqa2"])
+def test_gqa(Hk, device):
+    check_batch(2, 45, 45, 6, Hk, 32, torch.float16, device, causal=True)
+
+
+@pytest.mark.parametrize("window,causal,Nq,Nk", [
+    ((4, -1), True, 70, 70),
+    ((16, -1), True, 50, 90),
+    ((8, 3), False, 61, 61),
+    ((-1, 5), False, 90, 50),
+    ((0, 0), False, 33, 33),
+    ((20, 20), True, 64, 64),
+])
+def test_sliding_window(window, causal, Nq, Nk, device):
+    check_batch(1, Nq, Nk, 2, 1, 32, torch.bfloat16, device, causal=causal, window=window)
+
+
+def test_fully_masked_rows_are_zero_not_nan(device):
+    # causal with Nq > Nk: the first Nq - Nk rows see no key (bottom-right alignment)
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 40, 16, 2, 2, 32, torch.float16, device))
+    out, lse = flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert torch.all(out[:, :24] == 0)
+    assert torch.all(lse[:, :, :24] == -math.inf)
+    assert torch.isfinite(lse[:, :, 24:]).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    check_batch(1, 40, 16, 2, 2, 32, torch.float16, device, causal=True)
+
+
+def test_large_scores(device):
+    # logits of magnitude ~ hundreds: online softmax must rescale without overflow
+    check_batch(1, 80, 80, 2, 2, 64, torch.bfloat16, device, causal=True, scale=6.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_lse_gradient(dtype, device):
+    # ring attention merges partial results through the LSE, so its gradient must be right too
+    check_batch(1, 50, 70, 2, 1, 32, dtype, device, causal=True, dlse=True)
+
+
+def test_fp32_is_exact(device):
+    check_batch(1, 37, 53, 2, 2, 64, torch.float32, device, causal=True)
+
+
+@pytest.mark.parametrize("cfg", [KernelConfig(16, 32, 4, 1), KernelConfig(64, 64, 4, 1)],
+                         ids=["M16-N32", "M64-N64"])
+def test_other_block_shapes(cfg, device):
+    # BLOCK_N > BLOCK_M and large tiles exercise other splits between masked and unmasked blocks
+    with override_configs(fwd=cfg, dkdv=cfg, dq=cfg):
+        check_batch(1, 100, 77, 2, 1, 32, torch.float16, device, causal=True, window=(40, -1))
+        check_batch(1, 65, 130, 2, 2, 32, torch.float16, device)
+
+
+def _varlen_case(doc_lens_q, doc_lens_k, H, Hk, D, dtype, device, causal, window=(-1, -1), extra_rows=0):
+    cu_q = torch.tensor([0] + doc_lens_q, device=device).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + doc_lens_k, device=device).cumsum(0).to(torch.int32)
+    tq, tk = sum(doc_lens_q) + extra_rows, sum(doc_lens_k) + extra_rows
+    q = torch.randn(tq, H, D, dtype=dtype, device=device)
+    k = torch.randn(tk, Hk, D, dtype=dtype, device=device)
+    v = torch.randn(tk, Hk, D, dtype=dtype, device=device)
+    mq, mk = max(doc_lens_q), max(doc_lens_k)
+    check_against_oracle(
+        lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, causal=causal,
+                                               window_size=window, return_lse=True),
+        lambda q, k, v: attention_ref(q, k, v, causal=causal, window_size=window,
+                                      cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), [q, k, v])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_with_empty_and_single_token_docs(causal, device):
+    _varlen_case([5, 0, 1, 40, 17], [5, 0, 1, 40, 17], 4, 2, 64, torch.bfloat16, device, causal)
+
+
+def test_varlen_q_k_lengths_differ_and_window(device):
+    _varlen_case([3, 30, 0, 9], [10, 21, 4, 9], 2, 1, 32, torch.float16, device, True, window=(6, -1))
+
+
+def test_varlen_rows_after_last_document(device):
+    _varlen_case([7, 20], [7, 20], 2, 2, 32, torch.float16, device, True, extra_rows=5)
+
+
+def test_varlen_documents_do_not_attend_across(device):
+    # changing document 0 must leave document 1's output untouched
+    q, k, v = (torch.randn(50, 2, 32, dtype=torch.float16, device=device) for _ in range(3))
+    cu = torch.tensor([0, 20, 50], dtype=torch.int32, device=device)
+    out1 = flash_attn_varlen_func(q, k, v, cu, cu, 30, 30, causal=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[:20] += 1.0
+    v2[:20] -= 1.0
+    out2 = flash_attn_varlen_func(q, k2, v2, cu, cu, 30, 30, causal=True)
+    assert torch.equal(out1[20:], out2[20:])
+    assert not torch.equal(out1[:20], out2[:20])
+
+
+def test_non_contiguous_inputs(device):
+    # q, k, v sliced out of one packed qkv projection, as a model produces them
+    qkv = torch.randn(2, 45, 3, 4, 32, dtype=torch.float16, device=device)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    check_against_oracle(
+        lambda q, k, v: flash_attn_func(q, k, v, causal=True, return_lse=True),
+        lambda q, k, v: attention_ref(q, k, v, causal=True), [q, k, v])
+
+
+def test_deterministic(device):
+    q, k, v = make_qkv(1, 70, 70, 4, 1, 32, torch.bfloat16, device)
+    dout = torch.randn_like(q)
+    runs = [_grads(lambda *t: flash_attn_func(*t, causal=True, return_lse=True), [q, k, v], dout, None)
+            for _ in range(2)]
+    for a, b in zip(runs[0][2], runs[1][2]):
+        assert torch.equal(a, b)
+
+
+def test_empty_sequences(device):
+    q, k, v = make_qkv(2, 0, 9, 2, 2, 32, torch.float16, device)
+    assert flash_attn_func(q, k, v).shape == (2, 0, 2, 32)
+    q, k, v = make_qkv(1, 5, 0, 2, 2, 32, torch.float16, device)
+    out, lse = flash_attn_func(q, k, v, return_lse=True)
+    assert torch.all(out == 0) and torch.all(lse == -math.inf)
+
+
+# ---- the pure-PyTorch blockwise path (CPU training without a GPU) meets the same criterion ----
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (9, -1)),
+                                           (False, (5, 7))])
+def test_reference_blockwise_path(causal, window):
+    from kernels.mask import normalize_window
+    left, right = normalize_window(causal, window)
+    inputs = make_qkv(2, 70, 90, 4, 2, 40, torch.bfloat16, "cpu")
+    check_against_oracle(
+        lambda q, k, v: blockwise_attention(q, k, v, 40 ** -0.5, left, right, block=32),
+        lambda q, k, v: attention_ref(q, k, v, causal=causal, window_size=window), inputs, dlse=True)
+
+
+def test_reference_blockwise_varlen():
+    cu = torch.tensor([0, 3, 3, 40, 41], dtype=torch.int32)
+    q, k, v = (torch.randn(41, 2, 32, dtype=torch.float16) for _ in range(3))
+    check_against_oracle(
+        lambda q, k, v: blockwise_attention(q, k, v, 32 ** -0.5, -1, 0, cu, cu, block=16),
+        lambda q, k, v: attention_ref(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), [q, k, v])
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setattr(flash_attn_module, "INTERPRET", False)
+    calls = []
+    real = flash_attn_module.blockwise_attention
+    monkeypatch.setattr(flash_attn_module, "blockwise_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = make_qkv(1, 20, 20, 2, 2, 32, torch.float32, "cpu")
+    out = flash_attn_func(q, k, v, causal=True)
+    assert calls and torch.allclose(out, attention_ref(q, k, v, causal=True)[0], atol=1e-5)
+
+
+# ---- bad input: a clear error naming the argument, before any work ----
+
+def _bad(device, **over):
+    args = dict(q=torch.randn(2, 8, 4, 32, device=device, dtype=torch.float16),
+                k=torch.randn(2, 8, 2, 32, device=device, dtype=torch.float16),
+                v=torch.randn(2, 8, 2, 32, device=device, dtype=torch.float16))
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("rank", ValueError, "q must have 4 dims"),
+    ("batch", ValueError, "batch size"),
+    ("dtype", TypeError, "k must have q's dtype"),
+    ("heads", ValueError, "multiple of nheads of k/v"),
+    ("headdim", ValueError, "head dim must be a multiple of 8"),
+    ("headdim_big", ValueError, "head dim must be a multiple of 8"),
+    ("kv_shape", ValueError, "v must have k's shape"),
+    ("float64", TypeError, "q must be float16, bfloat16 or float32"),
+    ("window", ValueError, "window_size"),
+    ("scale", ValueError, "softmax_scale"),
+    ("not_tensor", TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_input_raises(case, exc, match, device):
+    h = torch.float16
+    over = {
+        "rank": dict(q=torch.randn(8, 4, 32, dtype=h, device=device)),
+        "batch": dict(k=torch.randn(3, 8, 2, 32, dtype=h, device=device),
+                      v=torch.randn(3, 8, 2, 32, dtype=h, device=device)),
+        "dtype": dict(k=torch.randn(2, 8, 2, 32, dtype=torch.bfloat16, device=device)),
+        "heads": dict(k=torch.randn(2, 8, 3, 32, dtype=h, device=device),
+                      v=torch.randn(2, 8, 3, 32, dtype=h, device=device)),
+        "headdim": {k: torch.randn(2, 8, n, 36, dtype=h, device=device) for k, n in zip("qkv", (4, 2, 2))},
+        "headdim_big": {k: torch.randn(1, 2, 1, 264, dtype=h, device=device) for k in "qkv"},
+        "kv_shape": dict(v=torch.randn(2, 9, 2, 32, dtype=h, device=device)),
+        "float64": {k: torch.randn(2, 8, 2, 32, dtype=torch.float64, device=device) for k in "qkv"},
+        "window": dict(window_size=(-2, 0)),
+        "scale": dict(softmax_scale=-1.0),
+        "not_tensor": dict(q=[[1.0]]),
+    }[case]
+    args = _bad(device)
+    args.update(over)
+    with pytest.raises(exc, match=match):
+        flash_attn_func(**args)
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("int64", TypeError, "cu_seqlens_q must be int32"),
+    ("decreasing", ValueError, "cu_seqlens_k must be non-decreasing"),
+    ("start", ValueError, "must start at 0"),
+    ("overflow", ValueError, "exceeds the 10 rows"),
+    ("max_seqlen", ValueError, "max_seqlen_q = 3 is smaller than the longest document"),
+    ("lengths", ValueError, "same length"),
+])
+def test_bad_varlen_input_raises(case, exc, match, device):
+    q = k = v = torch.randn(10, 2, 32, dtype=torch.float16, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    cu_q, cu_k, mq = torch.tensor([0, 4, 10], **i32), torch.tensor([0, 4, 10], **i32), 6
+    if case == "int64":
+        cu_q = cu_q.long()
+    elif case == "decreasing":
+        cu_k = torch.tensor([0, 6, 4], **i32)
+    elif case == "start":
+        cu_q = torch.tensor([1, 4, 10], **i32)
+    elif case == "overflow":
+        cu_q = torch.tensor([0, 4, 11], **i32)
+    elif case == "max_seqlen":
+        mq = 3
+    elif case == "lengths":
+        cu_k = torch.tensor([0, 10], **i32)
+    with pytest.raises(exc, match=match):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, 6)
+
+
+# ---- GPU only: memory is O(N) ----
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_memory_is_linear_in_sequence_length():
+    # fwd+bwd at 32K tokens: an N x N fp32 buffer per head would be 4 GiB; we allow ~the I/O tensors
+    q, k, v = (torch.randn(1, 32768, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    flash_attn_func(q, k, v, causal=True).sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    io_bytes = q.numel() * q.element_size()
+    assert extra < 8 * io_bytes, f"peak extra memory {extra / 2**20:.0f} MiB"
