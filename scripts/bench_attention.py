@@ -1,0 +1,266 @@
+"""Attention kernel benchmark: TFLOP/s and peak extra memory, ours vs PyTorch, in one run.
+
+    make bench                                    # the standard grid (CUDA)
+    make bench ARGS="--dims 128 --seqlens 16384 --causal 1"
+    make bench ARGS="--sweep"                     # also search launch parameters per pass first
+
+Grid as in the field (FlashAttention papers, docs/perf-notes.md): bf16, B * N = 16K tokens (B = 1 at
+N >= 16K), H * D = 2048. FLOPs: forward 4 * B * H * N^2 * D, halved when causal; forward+backward
+3.5x forward. Times are medians of triton.testing.do_bench after warm-up. Every provider runs in
+this same process on the same inputs. Results go to --out as JSON and CSV, with a PNG plot.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import flash_attn_func  # noqa: E402
+from kernels.launch import KernelConfig, get_config, override_configs  # noqa: E402
+
+TOKENS, MODEL_DIM = 16384, 2048
+
+
+def standard_attention(q, k, v, causal):
+    """What a user writes by hand (nanoGPT without SDPA): materializes the N x N scores."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+
+
+def make_providers(causal, n, flex_ok):
+    """name -> (layout, fn). layout 'bnhd' is ours; 'bhnd' is PyTorch's."""
+    def sdpa(backend):
+        def fn(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return fn
+
+    providers = {
+        "ours": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal)),
+        "sdpa_flash": ("bhnd", sdpa(SDPBackend.FLASH_ATTENTION)),
+        "sdpa_cudnn": ("bhnd", sdpa(SDPBackend.CUDNN_ATTENTION)),
+        "standard": ("bhnd", lambda q, k, v: standard_attention(q, k, v, causal)),
+    }
+    if flex_ok:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+        mask = None
+        if causal:
+            mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n,
+                                     device="cuda")
+        providers["flex"] = ("bhnd", lambda q, k, v: flex(q, k, v, block_mask=mask))
+    return providers
+
+
+def bench_one(fn, layout, B, N, H, D, causal, mode, dtype=torch.bfloat16):
+    """Median ms and peak extra memory (GiB) of one provider at one point; 'OOM' on out of memory."""
+    shape = (B, N, H, D) if layout == "bnhd" else (B, H, N, D)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen).requires_grad_(mode == "fwd_bwd")
+               for _ in range(3))
+    dout = torch.randn(shape, device="cuda", dtype=dtype, generator=gen)
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(q, k, v)
+    else:
+        def step():
+            fn(q, k, v).backward(dout)
+    try:
+        step()  # compile / warm
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        ms = triton.testing.do_bench(step, warmup=50, rep=200, grad_to_none=[q, k, v], return_mode="median")
+    except torch.OutOfMemoryError:
+        return "OOM", "OOM"
+    finally:
+        del q, k, v, dout
+        torch.cuda.empty_cache()
+    return ms, peak
+
+
+def flops(B, N, H, D, causal, mode):
+    f = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+    return f * (3.5 if mode == "fwd_bwd" else 1.0)
+
+
+def check_correct(D, causal):
+    """Our output and gradients against SDPA's math backend in fp32 on one mid-size point."""
+    B, N, H = 2, 1000, 2048 // D // 4
+    q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn_like(q)
+    out = flash_attn_func(q, k, v, causal=causal)
+    out.backward(dout)
+    ours = [out, q.grad, k.grad, v.grad]
+    q32, k32, v32 = (t.detach().float().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = F.scaled_dot_product_attention(q32, k32, v32, is_causal=causal)
+    ref.backward(dout.float().transpose(1, 2))
+    refs = [ref.transpose(1, 2), q32.grad.transpose(1, 2), k32.grad.transpose(1, 2), v32.grad.transpose(1, 2)]
+    return {name: ((a.float() - b).norm() / b.norm()).item() for name, a, b in zip(("out", "dq", "dk", "dv"), ours, refs)}
+
+
+# Launch parameters tried by --sweep, per pass: (BLOCK_M, BLOCK_N, warps, stages).
+SWEEP = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4),
+            (64, 64, 4, 3), (128, 64, 8, 4), (64, 128, 4, 3)],
+    "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3),
+             (32, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2)],
+    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+           (64, 32, 4, 3), (128, 64, 4, 3), (64, 128, 8, 2)],
+}
+
+
+def sweep(D, causal, N, log):
+    """Best launch parameters for each pass at one point: fwd timed alone; dkdv / dq by fwd+bwd with
+    the other backward pass at its current setting."""
+    H, B = MODEL_DIM // D, max(1, TOKENS // N)
+    best = {}
+    for pass_name in ("fwd", "dkdv", "dq"):
+        mode = "fwd" if pass_name == "fwd" else "fwd_bwd"
+        results = []
+        for c in SWEEP[pass_name]:
+            cfg = KernelConfig(*c)
+            try:
+                with override_configs(**{pass_name: cfg}, **best):
+                    ms, _ = bench_one(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
+                                      "bnhd", B, N, H, D, causal, mode)
+            except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
+                log(f"  sweep {pass_name} D{D} {'causal' if causal else 'full'} {c}: {type(e).__name__}")
+                continue
+            if ms == "OOM":
+                continue
+            tf = flops(B, N, H, D, causal, mode) / ms / 1e9
+            results.append((ms, c))
+            log(f"  sweep {pass_name} D{D} {'causal' if causal else 'full'} N{N} {c}: {ms:.3f} ms {tf:.0f} TFLOP/s")
+        ms, c = min(results)
+        best[pass_name] = KernelConfig(*c)
+        log(f"best {pass_name} D{D} {'causal' if causal else 'full'}: {c} {ms:.3f} ms")
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    ap.add_argument("--causal", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
+    ap.add_argument("--providers", nargs="+", default=["ours", "sdpa_flash", "sdpa_cudnn", "flex", "standard"])
+    ap.add_argument("--flex-seqlens", type=int, nargs="+", default=[4096, 16384],
+                    help="FlexAttention compiles per shape: only these lengths (all: --flex-seqlens 0)")
+    ap.add_argument("--sweep", action="store_true", help="search launch parameters per pass first")
+    ap.add_argument("--sweep-seqlen", type=int, default=8192)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU (the CPU path is for correctness, not speed)")
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(out_dir / "bench_log.txt", "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()}
+    log(json.dumps(env))
+    rows = []
+    for D in args.dims:
+        # the launch table is keyed by head dim only: tune on the causal case, training's common one
+        configs = sweep(D, True, args.sweep_seqlen, log) if args.sweep else {}
+        for causal in map(bool, args.causal):
+            log(f"correctness D{D} {'causal' if causal else 'full'} (rel. error vs fp32 math): {check_correct(D, causal)}")
+            used = {p: configs.get(p) or get_config(p, D, torch.bfloat16, torch.device("cuda"))
+                    for p in ("fwd", "dkdv", "dq")}
+            log(f"launch parameters D{D} {'causal' if causal else 'full'}: {used}")
+            for N in args.seqlens:
+                B, H = max(1, TOKENS // N), MODEL_DIM // D
+                flex_ok = "flex" in args.providers and (0 in args.flex_seqlens or N in args.flex_seqlens)
+                providers = make_providers(causal, N, flex_ok)
+                for name in args.providers:
+                    if name not in providers:
+                        continue
+                    layout, fn = providers[name]
+                    for mode in args.modes:
+                        with override_configs(**configs):
+                            try:
+                                ms, peak = bench_one(fn, layout, B, N, H, D, causal, mode)
+                            except Exception as e:  # noqa: BLE001 - a backend that refuses a shape is a result
+                                ms = peak = f"error: {type(e).__name__}"
+                        tf = flops(B, N, H, D, causal, mode) / ms / 1e9 if isinstance(ms, float) else None
+                        row = dict(D=D, causal=causal, N=N, B=B, H=H, provider=name, mode=mode, ms=ms,
+                                   tflops=tf, peak_gib=peak)
+                        rows.append(row)
+                        log(json.dumps(row))
+    (out_dir / "bench.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    with open(out_dir / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print_table(rows, env, log)
+    plot(rows, env, out_dir / "bench.png")
+
+
+def _cell(r):
+    return f"{r['tflops']:.0f}" if r and r["tflops"] else (str(r["ms"])[:5] if r else "-")
+
+
+def print_table(rows, env, log):
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    log(f"\nTFLOP/s on {env['gpu']} (torch {env['torch']}, triton {env['triton']}); peak extra GiB of ours / sdpa_flash")
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        log(f"\n{mode}: | D | causal | N | " + " | ".join(providers) + " | ours/flash | mem ours | mem flash |")
+        keys = dict.fromkeys((r["D"], r["causal"], r["N"]) for r in rows if r["mode"] == mode)
+        for D, causal, N in keys:
+            by = {r["provider"]: r for r in rows if (r["D"], r["causal"], r["N"], r["mode"]) == (D, causal, N, mode)}
+            ratio = (by["ours"]["tflops"] / by["sdpa_flash"]["tflops"]
+                     if by.get("ours", {}).get("tflops") and by.get("sdpa_flash", {}).get("tflops") else math.nan)
+            mem = [by.get(p, {}).get("peak_gib") for p in ("ours", "sdpa_flash")]
+            mem = [f"{m:.2f}" if isinstance(m, float) else str(m) for m in mem]
+            log(f"| {D} | {int(causal)} | {N} | " + " | ".join(_cell(by.get(p)) for p in providers)
+                + f" | {ratio:.2f} | {mem[0]} | {mem[1]} |")
+
+
+def plot(rows, env, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = list(dict.fromkeys((r["mode"], r["D"], r["causal"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (mode, D, causal) in zip(axes[0], panels):
+        for p in dict.fromkeys(r["provider"] for r in rows):
+            pts = [(r["N"], r["tflops"]) for r in rows
+                   if (r["mode"], r["D"], r["causal"], r["provider"]) == (mode, D, causal, p) and r["tflops"]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=p)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{mode} d{D} {'causal' if causal else 'full'}")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, bf16", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
