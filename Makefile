@@ -28,4 +28,20 @@ test-gpu: ## run the test suite compiled on a CUDA GPU (uses the current python)
 bench: ## attention kernel TFLOP/s and memory vs SDPA / standard attention (CUDA)
 	$(PYTHON) scripts/bench_attention.py $(ARGS)
 
-.PHONY: help venv test test-gpu bench
+# `make train model=gpt2_small data.seq_len=32768`: make reads `key=value` words as variable
+# definitions, so every variable set on the command line, except this Makefile's own, is passed
+# to train.py as a Hydra override (with `$(value ...)`, so `${...}` interpolations reach Hydra as typed).
+MAKE_VARS := PYTHON VENV ARGS CKPT
+OVERRIDES  = $(strip $(foreach v,$(filter-out $(MAKE_VARS),$(.VARIABLES)),\
+               $(if $(filter command line,$(origin $(v))),'$(v)=$(value $(v))')))
+
+train: $(STAMP) ## train (default: tiny model on CPU, minutes); overrides as words, sweeps as ARGS="-m ..."
+	$(PY) train.py $(ARGS) $(OVERRIDES)
+
+# The newest run's checkpoint unless CKPT names one.
+CKPT ?= $(lastword $(sort $(wildcard outputs/*/*/checkpoints/latest.pt)))
+
+sample: $(STAMP) ## text from a checkpoint: make sample [CKPT=path] [ARGS='--prompt "def f"']
+	$(PY) sample.py $(CKPT) $(ARGS)
+
+.PHONY: help venv test test-gpu bench train sample

@@ -1,0 +1,129 @@
+"""Document sources -> a `datasets.Dataset` with string columns `name` and `text`, one row a document.
+
+Three sources, chosen by `data.source`:
+- `stdlib`: the Python standard library's own source, present wherever Python is, no network.
+- `files`: local .txt/.md (one document per file), .json/.jsonl/.parquet (one document per row).
+- `hf`: a Hugging Face hub dataset by name (needs the network, or a warm HF cache).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from itertools import islice
+from pathlib import Path
+
+import datasets
+
+# Directories under the stdlib root that are not the standard library's own source.
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}
+
+# File suffix -> the `datasets` packaged builder that reads it.
+FILE_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+
+
+def stdlib_corpus(doc_unit: str, include_tests: bool, max_docs: int | None) -> datasets.Dataset:
+    """The standard library's `.py` files as documents, each file preceded by a `# file: <path>` line.
+
+    doc_unit="package": one document per top-level package directory (all its files, subpackages
+    included, in sorted path order), so documents run to 10^5+ tokens (asyncio, email, idlelib, ...);
+    a top-level module is its own document. doc_unit="file": one document per file.
+    Files that are not UTF-8 (a few deliberate test fixtures) are skipped. max_docs keeps the first N.
+    Returns a Dataset with columns name (str: package dir, or the file's path) and text (str).
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = STDLIB_SKIP_DIRS if include_tests else STDLIB_SKIP_DIRS | STDLIB_TEST_DIRS
+    docs: dict[str, list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Pruning in place keeps os.walk out of site-packages (often larger than the stdlib itself),
+        # and sorting makes the document order and contents reproducible.
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        for filename in sorted(f for f in filenames if f.endswith(".py")):
+            rel = (Path(dirpath) / filename).relative_to(root)
+            try:
+                text = (root / rel).read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+            name = rel.parts[0] if doc_unit == "package" else rel.as_posix()
+            docs.setdefault(name, []).append(f"# file: {rel.as_posix()}\n{text}")
+    names = sorted(docs)
+    ds = datasets.Dataset.from_dict({"name": names, "text": ["\n".join(docs[n]) for n in names]})
+    return _cap(ds, max_docs)
+
+
+def resolve_data_files(paths: list[str]) -> tuple[str, list[str]]:
+    """Expand paths and globs (`**` allowed) into (builder name, sorted absolute file list).
+
+    Raises ValueError naming `data.paths` when a pattern matches nothing, a suffix is unknown, or
+    the files need different builders (text and json in one corpus).
+    """
+    files = []
+    for pattern in paths:
+        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise ValueError(f"data.paths: no file matches {pattern!r}")
+        files.extend(os.path.abspath(p) for p in matches)
+    builders = set()
+    for f in files:
+        suffix = Path(f).suffix.lower()
+        if suffix not in FILE_BUILDERS:
+            raise ValueError(f"data.paths: {f!r} has suffix {suffix!r}; expected one of {sorted(FILE_BUILDERS)}")
+        builders.add(FILE_BUILDERS[suffix])
+    if len(builders) > 1:
+        raise ValueError(f"data.paths: mixes file kinds {sorted(builders)}; use one kind per corpus")
+    return builders.pop(), files
+
+
+def file_corpus(paths: list[str], text_field: str, max_docs: int | None, cache_dir: Path) -> datasets.Dataset:
+    """Local files as documents: a text file is one document (named by its path), a json/jsonl/parquet
+    row is one document (its `text_field` column, named by row index).
+
+    The Arrow copies `datasets` makes go to `<cache_dir>/hf`, next to our other caches, rather than the
+    user's global HF cache; their fingerprint follows the files' paths and mtimes.
+    """
+    builder, files = resolve_data_files(paths)
+    hf_cache = str(cache_dir / "hf")
+    if builder == "text":
+        # sample_by="document": one row per file, in data_files order, instead of one row per line.
+        ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", cache_dir=hf_cache)
+        ds = _cap(ds, max_docs)
+        return ds.add_column("name", files[: len(ds)])
+    ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=hf_cache)
+    return _as_documents(ds, text_field, max_docs)
+
+
+def hub_corpus(name: str, config_name: str | None, split: str, streaming: bool, text_field: str,
+               max_docs: int | None) -> datasets.Dataset:
+    """A Hugging Face hub dataset as documents (one row each; `text_field` holds the text).
+
+    Streaming reads only the first `max_docs` rows and keeps them in memory; otherwise the dataset is
+    downloaded to the user's HF cache (HF_HOME), shared with their other projects.
+    """
+    if streaming:
+        stream = datasets.load_dataset(name, config_name, split=split, streaming=True)
+        ds = datasets.Dataset.from_list(list(islice(stream, max_docs)))
+    else:
+        ds = datasets.load_dataset(name, config_name, split=split)
+    return _as_documents(ds, text_field, max_docs)
+
+
+def _cap(ds: datasets.Dataset, max_docs: int | None) -> datasets.Dataset:
+    return ds if max_docs is None or len(ds) <= max_docs else ds.select(range(max_docs))
+
+
+def _as_documents(ds: datasets.Dataset, text_field: str, max_docs: int | None) -> datasets.Dataset:
+    if text_field not in ds.column_names:
+        raise ValueError(f"data.text_field: column {text_field!r} not in {ds.column_names}")
+    ds = _cap(ds, max_docs).select_columns([text_field])
+    if text_field != "text":
+        ds = ds.rename_column(text_field, "text")
+    return ds.add_column("name", [str(i) for i in range(len(ds))])

@@ -1,0 +1,111 @@
+"""BatchLoader: random windows of a packed token stream, with document-aware targets and positions."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from data.packing import PackedTokens
+from data.tasks import PasskeyTask
+
+IGNORE_INDEX = -100
+
+
+class BatchLoader:
+    """Infinite iterator of training batches from one PackedTokens split.
+
+    Sampling: batch `step` takes `batch_size` windows of seq_len + 1 tokens at offsets drawn uniformly
+    (with replacement, no epochs) from a generator seeded by (seed, step). A batch is thus a pure
+    function of (seed, step): the state is the step counter, and a resumed loader yields exactly the
+    batches an uninterrupted one would.
+
+    Each batch is a dict:
+        input_ids     (B, T) int64  window[:-1]
+        targets       (B, T) int64  window[1:]; with doc_masking, -100 where the next token starts a new
+                                    document: predicting EOT at a document's end is kept, predicting the
+                                    next document's first token from that EOT is not
+        position_ids  (B, T) int64  0 at each row start and (with doc_masking) at each document start
+        cu_seqlens    (n + 1,) int32 segment boundaries over the flattened B*T tokens: every row start,
+                                    plus every document start inside a row when doc_masking; segment i
+                                    is [cu_seqlens[i], cu_seqlens[i+1]) and its position_ids are 0, 1, ...
+    Without doc_masking, rows are single segments (position_ids = 0..T-1) and no target is ignored.
+
+    Passkey mix-in: with `passkey` given, each row is independently replaced with probability
+    `passkey_mix` by a passkey-retrieval sample of length T + 1 (random key and depth), a single
+    segment whose targets are -100 except on the answer tokens: the loss then rewards retrieval only,
+    not memorising the repetitive filler.
+
+    Per step the cost is B memmap slices plus vectorised numpy over B*T: no Python loop over tokens.
+    """
+
+    def __init__(self, packed: PackedTokens, batch_size: int, seq_len: int, seed: int, doc_masking: bool = True,
+                 passkey: PasskeyTask | None = None, passkey_mix: float = 0.0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if seq_len < 1 or len(packed) < seq_len + 1:
+            raise ValueError(f"seq_len={seq_len}: need 1 <= seq_len < {len(packed)}, the tokens in this split "
+                             "(more documents: raise data.max_docs or data.val_fraction)")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if not 0.0 <= passkey_mix <= 1.0 or (passkey_mix > 0 and passkey is None):
+            raise ValueError(f"passkey_mix={passkey_mix}: must be in [0, 1], and > 0 only with a passkey task")
+        if passkey_mix > 0 and seq_len + 1 < passkey.min_length:
+            raise ValueError(f"seq_len={seq_len}: a passkey sample needs at least {passkey.min_length - 1}")
+        self.packed = packed
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.doc_masking = doc_masking
+        self.passkey = passkey
+        self.passkey_mix = passkey_mix
+        self.step = 0
+
+    def __iter__(self) -> BatchLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self.batch(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+        self.seed = int(state["seed"])
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch at `step` (what the step-th next() returns), without moving the iterator."""
+        B, T = self.batch_size, self.seq_len
+        rng = np.random.default_rng([self.seed, step])
+        offsets = rng.integers(0, len(self.packed) - T, size=B)
+        window = np.stack([self.packed.tokens[o:o + T + 1] for o in offsets]).astype(np.int64)  # (B, T+1)
+        input_ids, targets = window[:, :-1], window[:, 1:].copy()  # the two overlap in `window`
+
+        starts = np.zeros((B, T), dtype=bool)  # starts[b, t]: token t of row b begins a segment
+        starts[:, 0] = True
+        if self.doc_masking:
+            # Document index of every window token; a change between t and t+1 is a document boundary.
+            doc = np.searchsorted(self.packed.doc_starts, offsets[:, None] + np.arange(T + 1), side="right")
+            boundary = doc[:, 1:] != doc[:, :-1]  # (B, T): target t is the next document's first token
+            targets[boundary] = IGNORE_INDEX
+            starts[:, 1:] |= boundary[:, :-1]
+
+        if self.passkey_mix > 0:
+            for b in np.flatnonzero(rng.random(B) < self.passkey_mix):
+                sample = self.passkey.sample(T + 1, depth=rng.random(), rng=rng)
+                input_ids[b] = sample.input_ids[:-1]
+                targets[b] = IGNORE_INDEX
+                targets[b, sample.answer_positions - 1] = sample.input_ids[sample.answer_positions]
+                starts[b, 1:] = False
+
+        t = np.arange(T)
+        position_ids = t - np.maximum.accumulate(np.where(starts, t, 0), axis=1)
+        cu_seqlens = np.append(np.flatnonzero(starts), B * T).astype(np.int32)
+        return {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(input_ids)),
+            "targets": torch.from_numpy(np.ascontiguousarray(targets)),
+            "position_ids": torch.from_numpy(position_ids),
+            "cu_seqlens": torch.from_numpy(cu_seqlens),
+        }

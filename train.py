@@ -1,0 +1,193 @@
+"""Train a GPT: `python train.py [group=preset ...] [key=value ...]` (Hydra; start at configs/config.yaml).
+
+    python train.py                                          # tiny model, stdlib corpus, CPU, minutes
+    python train.py experiment=gpt2_small_16k                # an experiment by name
+    python train.py -m model.attention=flash,naive data.seq_len=4096,16384   # a sweep
+
+train(cfg) is the whole run, top to bottom: check the config, build data and model, restore a
+checkpoint, loop (forward, backward, clip, step; log, evaluate, checkpoint), print a sample.
+Its components live in training/.
+"""
+import dataclasses
+import functools
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from data import build_data
+from data.tasks import PasskeyTask
+from model import GPT
+from training.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from training.device import autocast, peak_flops, peak_memory_gib, resolve_device, to_device
+from training.evaluate import passkey, val_loss
+from training.generate import generate_text
+from training.logger import RunLogger
+from training.optim import build_optimizer, build_schedule
+from training.rng import rng_state, seed_all, set_rng_state
+from training.validate import ConfigError, config_error, gpt_config, validate
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one training job; returns its summary (status, step, losses, throughput, memory, paths).
+
+    Raises ConfigError for a mistake in cfg: before anything is built, except the few that only the
+    tokenizer or a checkpoint can reveal.
+    """
+    validate(cfg)
+    t = cfg.train
+    B, T, accum = cfg.data.batch_size, cfg.data.seq_len, t.grad_accum
+    out_dir, ckpt_dir = Path(cfg.out_dir), Path(t.ckpt_dir)
+    device = resolve_device(t.device)
+    amp = functools.partial(autocast, t.precision, device)
+    torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32 (CUDA)
+    seed_all(t.seed)
+
+    # data: tokenizer and packed tokens come from cache_dir after the first run
+    try:
+        bundle = build_data(cfg.data, cfg.cache_dir)
+        train_loader = bundle.loader("train", B, T, seed=t.seed, doc_masking=cfg.data.doc_masking)
+    except ValueError as e:  # the data package names the data key at fault
+        raise config_error(e) from None
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < bundle.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} < the tokenizer's {bundle.vocab_size}",
+                          "set model.vocab_size=null (= the tokenizer's)")
+    if t.eval_passkey and T < (shortest := PasskeyTask(bundle.tokenizer).min_length):
+        raise ConfigError("train.eval_passkey", f"data.seq_len={T} is shorter than a passkey prompt ({shortest} "
+                          "tokens)", "raise data.seq_len or set train.eval_passkey=false")
+
+    # model, optimizer, schedule
+    model_config = gpt_config(cfg, bundle.vocab_size)
+    raw_model = GPT(model_config).to(device)
+    model = torch.compile(raw_model) if t.compile else raw_model
+    optimizer = build_optimizer(raw_model, t, device)
+    schedule = build_schedule(optimizer, t)
+
+    # resume: everything that decides the next step comes back, so the run continues exactly
+    step = 0
+    resume = find_latest(ckpt_dir) if t.resume == "latest" else t.resume
+    if t.resume == "latest" and resume is None:
+        print(f"train.resume=latest: no checkpoint in {ckpt_dir} yet; starting at step 0")
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        for key, was in ckpt["model_config"].items():
+            if getattr(model_config, key) != was:
+                raise ConfigError(f"model.{key}", f"{getattr(model_config, key)!r}, but the checkpoint {resume} "
+                                  f"has {was!r}", "resume with the checkpoint's model settings")
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        train_loader.load_state_dict(ckpt["loader"])
+        set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        print(f"resumed from {resume} at step {step}")
+
+    config = {**OmegaConf.to_container(cfg, resolve=True), "model": dataclasses.asdict(model_config)}
+    logger = RunLogger(cfg.logger, out_dir, config)
+    n_params = raw_model.num_params()
+    # "auto" resolved as model/attention.py does, so run tables compare the kernels actually used
+    attention = {"auto": "flash" if device.type == "cuda" else "reference"}.get(model_config.attention,
+                                                                                 model_config.attention)
+    flops_per_token, device_flops = raw_model.flops_per_token(T), peak_flops(device)
+    tokens_per_step = B * T * accum
+    print(f"{n_params / 1e6:.2f}M parameters, {attention} attention, {tokens_per_step} tokens/step, "
+          f"{device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}; out_dir {out_dir}")
+
+    status, metrics, evals, ckpt_path = "failed", {}, {}, None
+    pbar = tqdm(total=t.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    interval_start, interval_step = time.perf_counter(), step
+    try:
+        while step < t.max_steps:
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(accum):
+                batch = to_device(next(train_loader), device)
+                with amp():
+                    _, loss = model(**batch)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            # grad_clip=0: max_norm=inf leaves the gradients alone but still measures their norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = schedule.get_last_lr()[0]
+            schedule.step()
+            step += 1
+            pbar.update()
+            last = step == t.max_steps
+
+            if step % t.log_every == 0 or last:
+                elapsed = time.perf_counter() - interval_start  # .item() below waits for the GPU
+                metrics = {"loss": loss_sum.item() / accum, "lr": lr, "grad_norm": grad_norm.item(),
+                           "tokens_per_s": tokens_per_step * (step - interval_step) / elapsed,
+                           "peak_mem_gib": peak_memory_gib(device), "seq_len": T}
+                if device_flops is not None:
+                    metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / device_flops
+                logger.log(metrics, step)
+                pbar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}",
+                                 mem=f"{metrics['peak_mem_gib']:.2f}GiB")
+                interval_start, interval_step = time.perf_counter(), step
+
+            evaluate, checkpoint = step % t.eval_every == 0 or last, step % t.ckpt_every == 0 or last
+            if evaluate:
+                # a fresh val loader each time: every evaluation scores the same tokens
+                val_loader = bundle.loader("val", B, T, seed=t.seed, doc_masking=cfg.data.doc_masking)
+                evals = val_loss(model, val_loader, t.eval_batches, device, amp)
+                if t.eval_passkey:
+                    evals |= passkey(raw_model, bundle.tokenizer, T, list(t.passkey_depths), t.passkey_trials,
+                                     t.seed, device, amp)
+                logger.log(evals, step)
+                pbar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in evals.items()))
+            if checkpoint:
+                ckpt_path = save_checkpoint({
+                    "step": step,
+                    "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "loader": train_loader.state_dict(),
+                    "rng": rng_state(),
+                    "model_config": dataclasses.asdict(model_config),
+                    "config": OmegaConf.to_yaml(cfg, resolve=True),
+                    "tokenizer": bundle.tokenizer.to_str(),
+                }, ckpt_dir, step, t.ckpt_keep)
+            if evaluate or checkpoint:
+                interval_start, interval_step = time.perf_counter(), step  # tokens/s counts training only
+        status = "finished"
+    except torch.cuda.OutOfMemoryError:
+        # A sweep over sequence lengths records the OOM and goes on; main() fails a single run.
+        status = "oom"
+        print(f"out of memory at step {step + 1} (seq_len {T}, batch {B}, {attention} attention)",
+              file=sys.stderr)
+    finally:
+        pbar.close()
+        summary = {"status": status, "step": step, "n_params": n_params, "seq_len": T,
+                   "attention": attention, "peak_mem_gib": peak_memory_gib(device),
+                   **{k: metrics[k] for k in ("loss", "tokens_per_s", "mfu") if k in metrics}, **evals,
+                   "out_dir": str(out_dir), "checkpoint": str(ckpt_path) if ckpt_path else None}
+        logger.finish(summary)
+
+    if status == "finished" and t.sample_tokens > 0:
+        text = generate_text(raw_model, bundle.tokenizer, t.sample_prompt, t.sample_tokens, temperature=0.8,
+                             top_k=50, device=device, autocast=amp)
+        print(f"--- sample ({t.sample_tokens} tokens) ---\n{text}\n---")
+    return summary
+
+
+@hydra.main(config_path="configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = train(cfg)
+    except ConfigError as e:  # a user's mistake: one line, no traceback
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if summary["status"] != "finished" and HydraConfig.get().mode != RunMode.MULTIRUN:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""What train.py composes, one concept per module:
+
+validate    the whole config checked up front; ConfigError -> one `config error: ...` line
+device      device and autocast precision, peak FLOP/s for MFU, peak memory
+optim       AdamW and the warmup + cosine learning-rate schedule
+rng         seeding, and saving/restoring every RNG for exact resumes
+checkpoint  atomic save, latest.pt, load with weights_only=True
+logger      metrics.jsonl and Weights & Biases (online / offline / none)
+evaluate    validation loss and perplexity, passkey accuracy
+generate    text from a prompt (the end-of-training sample, sample.py)
+"""

@@ -1,0 +1,45 @@
+"""Evaluation during training: validation loss and perplexity, passkey retrieval accuracy."""
+import math
+
+import torch
+
+from data.tasks import passkey_accuracy
+
+from .device import to_device
+
+
+@torch.no_grad()
+def val_loss(model, loader, n_batches: int, device: torch.device, autocast) -> dict:
+    """Mean cross-entropy over the target tokens of n_batches batches, and its perplexity.
+
+    loader must be a fresh deterministic val loader, so every evaluation scores the same tokens.
+    Batch losses are weighted by their target count: rows with ignored targets count less.
+    autocast: a zero-argument callable returning the forward's autocast context.
+    """
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for _ in range(n_batches):
+        batch = to_device(next(loader), device)
+        with autocast():
+            _, loss = model(**batch)
+        n = int((batch["targets"] != -100).sum())
+        total_loss += loss.item() * n
+        total_tokens += n
+    model.train()
+    loss = total_loss / total_tokens
+    return {"val_loss": loss, "val_ppl": math.exp(loss)}
+
+
+@torch.no_grad()
+def passkey(model, tokenizer, context_len: int, depths: list[float], n_trials: int, seed: int,
+            device: torch.device, autocast) -> dict:
+    """Passkey retrieval accuracy at context_len: the mean over depths, and each depth's."""
+    def model_fn(input_ids):
+        with autocast():
+            return model(input_ids.to(device))[0]
+
+    model.eval()
+    by_depth = passkey_accuracy(model_fn, tokenizer, context_len, depths, n_trials, seed)
+    model.train()
+    return {"passkey_acc": sum(by_depth.values()) / len(by_depth),
+            **{f"passkey_acc@{depth:g}": acc for depth, acc in by_depth.items()}}

@@ -1,0 +1,64 @@
+"""Metrics to <out_dir>/metrics.jsonl (always) and to Weights & Biases (unless logger.mode=none).
+
+wandb is best effort: if it fails to start or to log, the run warns once and goes on without it,
+because losing a dashboard must never cost a training run. metrics.jsonl is the record of truth.
+"""
+import json
+import os
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+def wandb_mode(mode: str) -> str:
+    """logger.mode "auto": online when logged in (WANDB_API_KEY, or `wandb login`'s netrc entry),
+    otherwise offline, so a run never stops at wandb's login prompt."""
+    if mode != "auto":
+        return mode
+    import wandb
+
+    return "online" if os.environ.get("WANDB_API_KEY") or wandb.api.api_key else "offline"
+
+
+class RunLogger:
+    def __init__(self, logger: DictConfig, out_dir: Path, config: dict):
+        """logger: the logger config group; config: the resolved run config, logged to wandb."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out_dir / "metrics.jsonl", "a")
+        self.run = None
+        if logger.mode != "none":
+            self._guard(self._start_wandb, logger, config)
+
+    def _start_wandb(self, logger: DictConfig, config: dict) -> None:
+        import wandb
+
+        Path(logger.dir).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=logger.project, group=logger.group, name=logger.name, dir=logger.dir,
+                              config=config, mode=wandb_mode(logger.mode))
+
+    def log(self, metrics: dict, step: int) -> None:
+        """One JSON line with the step, and the same metrics to wandb at that step."""
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.run is not None:
+            self._guard(self.run.log, metrics, step=step)
+
+    def finish(self, summary: dict) -> None:
+        """Put the run's summary (status, peak memory, throughput, ...) in wandb's run table."""
+        self.jsonl.close()
+        if self.run is not None:
+            self._guard(self._finish_wandb, summary)
+
+    def _finish_wandb(self, summary: dict) -> None:
+        self.run.summary.update(summary)
+        self.run.finish(exit_code=0 if summary["status"] == "finished" else 1)
+        self.run = None
+
+    def _guard(self, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # deliberate: see the module docstring
+            warnings.warn(f"wandb failed ({type(e).__name__}: {e}); continuing without it, "
+                          "metrics still go to metrics.jsonl", stacklevel=2)
+            self.run = None

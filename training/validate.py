@@ -1,0 +1,174 @@
+"""Check the whole config before anything is built.
+
+A user error becomes a ConfigError that train.py prints as one line,
+`config error: <key>: <what is wrong>; <fix>`, instead of a traceback minutes into a run.
+Hydra already rejects overrides of keys that do not exist; this adds the rest: keys added with `+`
+or in a new preset, types (Hydra takes `train.lr=abc` as a string), ranges and combinations.
+"""
+import os
+import re
+import types
+import typing
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data import DataConfig
+from model import GPTConfig
+
+from .device import resolve_device
+
+# Keys and types of the groups this package consumes. The model and data groups are checked by
+# their own packages (GPTConfig, DataConfig), so a field added there needs no edit here.
+TRAIN_SCHEMA = {
+    "optimizer": str, "lr": float, "min_lr": float, "warmup_steps": int, "max_steps": int,
+    "weight_decay": float, "betas": list, "grad_clip": float, "grad_accum": int, "precision": str,
+    "compile": bool, "seed": int, "device": str, "log_every": int, "eval_every": int,
+    "eval_batches": int, "eval_passkey": bool, "passkey_depths": list, "passkey_trials": int,
+    "ckpt_every": int, "ckpt_dir": str, "ckpt_keep": int, "resume": str | None,
+    "sample_prompt": str, "sample_tokens": int,
+}
+LOGGER_SCHEMA = {"mode": str, "project": str, "group": str, "name": str | None, "dir": str}
+CHOICES = {
+    "train.optimizer": ("adamw",),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "logger.mode": ("auto", "online", "offline", "none"),
+}
+
+
+class ConfigError(Exception):
+    """A mistake in the config: which key, what is wrong with it, and how to fix it."""
+
+    def __init__(self, key: str, problem: str, fix: str = ""):
+        super().__init__(f"{key}: {problem}" + (f"; {fix}" if fix else ""))
+        self.key = key
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first problem found in cfg (model, data, train, logger groups)."""
+    for key in ("name", "out_dir", "cache_dir"):
+        _check_value(key, cfg.get(key), str)
+    # null vocab_size / seq_len are filled from the tokenizer / data.seq_len (gpt_config)
+    model_schema = {**typing.get_type_hints(GPTConfig), "vocab_size": int | None, "seq_len": int | None}
+    _check_group(cfg, "model", model_schema, required=False)
+    _check_group(cfg, "train", TRAIN_SCHEMA, required=True)
+    _check_group(cfg, "logger", LOGGER_SCHEMA, required=True)
+    for key, options in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in options:
+            raise ConfigError(key, f"{value!r} is not one of {options}", f"set {key}={options[0]}")
+    _check_train(cfg.train)
+    try:
+        DataConfig.from_cfg(cfg.data)
+    except ValueError as e:
+        raise config_error(e) from None
+    _check_model(cfg)
+
+
+def gpt_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
+    """GPTConfig from the model group: a null vocab_size is the tokenizer's, a null seq_len is
+    data.seq_len. GPTConfig's own checks become ConfigErrors naming the model key."""
+    fields = OmegaConf.to_container(cfg.model, resolve=True)
+    if fields["vocab_size"] is None:
+        fields["vocab_size"] = vocab_size
+    if fields["seq_len"] is None:
+        fields["seq_len"] = cfg.data.seq_len
+    try:
+        return GPTConfig(**fields)
+    except ValueError as e:
+        # GPTConfig's messages read "GPTConfig.<field>...: <problem>; <fix>".
+        match = re.match(r"GPTConfig\.(\w+)", str(e))
+        key = f"model.{match.group(1)}" if match else "model"
+        raise ConfigError(key, str(e).removeprefix("GPTConfig.")) from None
+
+
+def config_error(e: ValueError) -> ConfigError:
+    """The data package's ValueErrors read "data.<key>: <problem>"; keep the key apart."""
+    key, _, problem = str(e).partition(": ")
+    return ConfigError(key, problem)
+
+
+def _check_group(cfg: DictConfig, group: str, schema: dict, required: bool) -> None:
+    if not isinstance(cfg.get(group), DictConfig):
+        raise ConfigError(group, "missing or not a mapping", f"pick a preset: {group}=<name in configs/{group}/>")
+    values = cfg[group]
+    for key in values:
+        if key not in schema:
+            raise ConfigError(f"{group}.{key}", "unknown key", f"known keys: {', '.join(schema)}")
+    for key, expected in schema.items():
+        if key in values:
+            _check_value(f"{group}.{key}", OmegaConf.select(values, key), expected)
+        elif required:
+            raise ConfigError(f"{group}.{key}", "missing", f"add it to the {group} preset")
+
+
+def _check_value(key: str, value, expected) -> None:
+    """Is value an instance of expected (a type, or a union like `int | None`)? YAML's ints pass as
+    floats; bools never pass as ints."""
+    allowed = typing.get_args(expected) if isinstance(expected, types.UnionType) else (expected,)
+    for typ in allowed:
+        if typ is type(None) and value is None:
+            return
+        if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if typ is list and OmegaConf.is_list(value):
+            return
+        if typ in (str, bool) and isinstance(value, typ):
+            return
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(key, f"expected {names}, got {value!r} ({type(value).__name__})", f"give {key} a {names}")
+
+
+def _check_train(train: DictConfig) -> None:
+    def need(ok: bool, key: str, problem: str, fix: str) -> None:
+        if not ok:
+            raise ConfigError(f"train.{key}", problem, fix)
+
+    need(train.max_steps >= 1, "max_steps", f"{train.max_steps} must be >= 1", "set train.max_steps=1000")
+    need(train.lr > 0, "lr", f"{train.lr} must be > 0", "set train.lr=3e-4")
+    need(0 <= train.min_lr <= train.lr, "min_lr", f"{train.min_lr} must lie in [0, train.lr={train.lr}]",
+         "set train.min_lr to about lr/10")
+    need(0 <= train.warmup_steps <= train.max_steps, "warmup_steps",
+         f"{train.warmup_steps} must lie in [0, train.max_steps={train.max_steps}]",
+         "lower train.warmup_steps or raise train.max_steps")
+    need(train.weight_decay >= 0, "weight_decay", f"{train.weight_decay} must be >= 0", "set train.weight_decay=0.1")
+    betas = list(train.betas)
+    need(len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas), "betas",
+         f"{betas} must be two numbers in [0, 1)", "set train.betas=[0.9,0.95]")
+    need(train.grad_clip >= 0, "grad_clip", f"{train.grad_clip} must be >= 0 (0 = off)", "set train.grad_clip=1.0")
+    for key in ("grad_accum", "log_every", "eval_every", "eval_batches", "passkey_trials", "ckpt_every", "ckpt_keep"):
+        need(train[key] >= 1, key, f"{train[key]} must be >= 1", f"set train.{key}=1 or more")
+    depths = list(train.passkey_depths)
+    need(len(depths) > 0 and all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in depths), "passkey_depths",
+         f"{depths} must be a non-empty list of numbers in [0, 1]", "set train.passkey_depths=[0,0.5,1]")
+    need(train.sample_tokens >= 0, "sample_tokens", f"{train.sample_tokens} must be >= 0", "0 skips the sample")
+
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", train.device) is not None, "device",
+         f"{train.device!r} is not auto, cpu, cuda or cuda:N", "set train.device=auto")
+    need(not train.device.startswith("cuda") or torch.cuda.is_available(), "device",
+         f"{train.device!r} but torch sees no CUDA device", "use train.device=auto or cpu")
+    if resolve_device(train.device).type == "cuda" and train.precision == "bf16":
+        need(torch.cuda.is_bf16_supported(), "precision", "bf16 on a GPU without bf16 support",
+             "use train.precision=fp32")
+    if train.resume not in (None, "latest"):
+        need(Path(train.resume).is_file(), "resume", f"no checkpoint file at {train.resume!r}",
+             "pass a step_*.pt or latest.pt, or train.resume=latest")
+
+
+def _check_model(cfg: DictConfig) -> None:
+    vocab_size = cfg.model.get("vocab_size")
+    model = gpt_config(cfg, vocab_size=1 if vocab_size is None else vocab_size)  # GPTConfig's own checks
+    if model.pos == "learned" and model.seq_len < cfg.data.seq_len:
+        raise ConfigError("model.seq_len", f"{model.seq_len} < data.seq_len={cfg.data.seq_len}, and a learned "
+                          "position table has no rows past it", "set model.seq_len=null (= data.seq_len) or "
+                          "use model.pos=rope")
+    on_cpu = resolve_device(cfg.train.device).type != "cuda"
+    if model.attention == "flash" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("model.attention", "flash runs Triton kernels, which need a CUDA device or "
+                          "TRITON_INTERPRET=1", "use model.attention=auto (reference kernels on CPU)")
+    if model.attention == "sdpa" and on_cpu and model.sdpa_backend in ("efficient", "cudnn"):
+        raise ConfigError("model.sdpa_backend", f"{model.sdpa_backend} is a CUDA-only SDPA kernel",
+                          "use model.sdpa_backend=math on CPU")
