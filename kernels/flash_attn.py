@@ -1,9 +1,11 @@
-"""The public attention functions (flash-attn 2 compatible) and the autograd Function behind them.
+"""The public attention functions (flash-attn 2 compatible) and the autograd op behind them.
 
 Dispatch: CUDA tensors -> Triton kernels compiled; CPU tensors with ``TRITON_INTERPRET=1`` -> the same
 Triton kernels in Triton's interpreter (how CI tests them); CPU otherwise -> the blockwise PyTorch
 implementation in ``kernels/reference.py`` (same algorithm, O(N) memory), so training works anywhere.
 """
+from typing import Optional
+
 import torch
 
 from .launch import INTERPRET, attn_bwd, attn_fwd
@@ -12,28 +14,57 @@ from .reference import blockwise_attention
 from .validate import check_cu_seqlens, check_options, check_qkv
 
 
-class FlashAttnFunc(torch.autograd.Function):
-    """Forward saves (q, k, v, out, lse) only; backward recomputes P tile by tile."""
+# The Triton launches are registered as custom ops so torch.compile sees two opaque ops with known
+# output shapes instead of tracing into the kernels (Inductor would otherwise re-trace the Triton
+# source and fail); autograd is attached to the forward op.
+@torch.library.custom_op("longctx::flash_attn_fwd", mutates_args=())
+def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                  max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return attn_fwd(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
-        out, lse = attn_fwd(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k,
-                            max_seqlen_q, max_seqlen_k)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right)
-        # Unused outputs arrive as None instead of zero tensors: no dLSE work unless asked for.
-        ctx.set_materialize_grads(False)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        max_seqlen_q, max_seqlen_k, scale, left, right = ctx.args
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right,
-                              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        return dq, dk, dv, None, None, None, None, None, None, None
+@_flash_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if cu_seqlens_q is None:   # lse (B, H, Nq); varlen: (H, total_q)
+        return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("longctx::flash_attn_bwd", mutates_args=())
+def _flash_bwd_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                  max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q, cu_seqlens_k,
+                    max_seqlen_q, max_seqlen_k)
+
+
+@_flash_bwd_op.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    """Saves (q, k, v, out, lse) only: backward recomputes P tile by tile."""
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if dout is None:   # only the LSE was used
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _flash_bwd_op(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_flash_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -55,7 +86,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     scale = check_options(q.shape[-1], softmax_scale, window_size)
     left, right = normalize_window(causal, window_size)
     if _use_triton(q):
-        out, lse = FlashAttnFunc.apply(q, k, v, None, None, None, None, scale, left, right)
+        out, lse = _flash_fwd_op(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right)
     else:
         out, lse = blockwise_attention(q, k, v, scale, left, right)
     return (out, lse) if return_lse else out
@@ -75,8 +106,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     left, right = normalize_window(causal, window_size)
     if _use_triton(q):
-        out, lse = FlashAttnFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                       scale, left, right)
+        out, lse = _flash_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 scale, left, right)
     else:
         out, lse = blockwise_attention(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k)
     return (out, lse) if return_lse else out

@@ -27,17 +27,19 @@ class KernelConfig:
     num_stages: int
 
 
-# Launch parameters per (pass, padded head dim) for Hopper, chosen by `make bench ARGS=--sweep`
-# (docs/perf-notes.md has the numbers). The backward dK/dV pass holds a BLOCK_N key tile and walks
-# BLOCK_M query rows; the dQ pass holds BLOCK_M query rows and walks BLOCK_N keys.
+# Launch parameters per (pass, padded head dim) for Hopper, from `make bench ARGS=--sweep` on an
+# H100 (docs/perf-notes.md has the numbers). The backward dK/dV pass holds a BLOCK_N key tile and
+# walks BLOCK_M query rows; the dQ pass holds BLOCK_M query rows and walks BLOCK_N keys.
 _SM90 = {
-    "fwd": {64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 3),
+    "fwd": {64: KernelConfig(128, 64, 8, 4), 128: KernelConfig(128, 64, 8, 4),
             256: KernelConfig(64, 64, 8, 2)},
-    "dkdv": {64: KernelConfig(64, 128, 8, 3), 128: KernelConfig(64, 128, 8, 2),
+    "dkdv": {64: KernelConfig(64, 128, 8, 3), 128: KernelConfig(64, 128, 8, 3),
              256: KernelConfig(32, 64, 8, 1)},
-    "dq": {64: KernelConfig(128, 64, 8, 3), 128: KernelConfig(128, 64, 8, 2),
+    "dq": {64: KernelConfig(128, 64, 8, 3), 128: KernelConfig(128, 64, 8, 3),
            256: KernelConfig(64, 32, 8, 1)},
 }
+# Where the best parameters differ without the causal mask: {(pass, head dim): config}.
+_SM90_NONCAUSAL: dict[tuple[str, int], KernelConfig] = {}
 # Ampere / Ada and anything else: less shared memory, so shallower pipelines.
 _GENERIC = {
     "fwd": {64: KernelConfig(128, 64, 4, 2), 128: KernelConfig(128, 32, 8, 2),
@@ -69,7 +71,8 @@ def override_configs(**configs: KernelConfig):
         _overrides.update(old)
 
 
-def get_config(pass_name: str, head_dim_pad: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
+def get_config(pass_name: str, head_dim_pad: int, dtype: torch.dtype, device: torch.device,
+               causal: bool) -> KernelConfig:
     if pass_name in _overrides:
         return _overrides[pass_name]
     if device.type != "cuda":
@@ -77,8 +80,10 @@ def get_config(pass_name: str, head_dim_pad: int, dtype: torch.dtype, device: to
     if dtype == torch.float32:
         cfg = _FP32[pass_name]
         return cfg if head_dim_pad <= 128 else KernelConfig(32, 32, 4, 1)
-    table = _SM90 if torch.cuda.get_device_capability(device)[0] >= 9 else _GENERIC
-    return table[pass_name][max(64, head_dim_pad)]
+    d = max(64, head_dim_pad)
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return _GENERIC[pass_name][d]
+    return (not causal and _SM90_NONCAUSAL.get((pass_name, d))) or _SM90[pass_name][d]
 
 
 def _head_dim_pad(head_dim: int) -> int:
@@ -126,7 +131,7 @@ def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
     else:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
-    cfg = get_config("fwd", d_pad, q.dtype, q.device)
+    cfg = get_config("fwd", d_pad, q.dtype, q.device, right >= 0)
     num_m = triton.cdiv(seqlen_q, cfg.BLOCK_M)
     grid = (num_m * batch * nheads,)
     if grid[0] == 0:
@@ -172,7 +177,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
 
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, IS_VARLEN=varlen,
                   HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PRECISION=_precision(q.dtype))
-    cfg = get_config("dkdv", d_pad, q.dtype, q.device)
+    cfg = get_config("dkdv", d_pad, q.dtype, q.device, right >= 0)
     num_n = triton.cdiv(seqlen_k, cfg.BLOCK_N)
     if num_n * batch * nheads_k > 0:
         _attn_bwd_dkdv[(num_n * batch * nheads_k,)](
@@ -183,7 +188,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
             *lse_strides, NUM_KV_HEADS=nheads_k, GROUP=nheads // nheads_k,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    cfg = get_config("dq", d_pad, q.dtype, q.device)
+    cfg = get_config("dq", d_pad, q.dtype, q.device, right >= 0)
     num_m = triton.cdiv(seqlen_q, cfg.BLOCK_M)
     if num_m * batch * nheads > 0:
         _attn_bwd_dq[(num_m * batch * nheads,)](

@@ -184,11 +184,10 @@ def main():
     log(json.dumps(env))
     rows = []
     for D in args.dims:
-        # the launch table is keyed by head dim only: tune on the causal case, training's common one
-        configs = sweep(D, True, args.sweep_seqlen, log) if args.sweep else {}
         for causal in map(bool, args.causal):
             log(f"correctness D{D} {'causal' if causal else 'full'} (rel. error vs fp32 math): {check_correct(D, causal)}")
-            used = {p: configs.get(p) or get_config(p, D, torch.bfloat16, torch.device("cuda"))
+            configs = sweep(D, causal, args.sweep_seqlen, log) if args.sweep else {}
+            used = {p: configs.get(p) or get_config(p, D, torch.bfloat16, torch.device("cuda"), causal)
                     for p in ("fwd", "dkdv", "dq")}
             log(f"launch parameters D{D} {'causal' if causal else 'full'}: {used}")
             for N in args.seqlens:

@@ -343,3 +343,20 @@ def test_memory_is_linear_in_sequence_length():
     extra = torch.cuda.max_memory_allocated() - base
     io_bytes = q.numel() * q.element_size()
     assert extra < 8 * io_bytes, f"peak extra memory {extra / 2**20:.0f} MiB"
+
+
+def test_torch_compile_traces_the_op_in_one_graph(device):
+    # the kernels are custom ops: torch.compile (fullgraph) must trace fwd and bwd without breaking
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 40, 40, 4, 2, 32, torch.float16, device))
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    compiled = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, causal=True), backend=backend,
+                             fullgraph=True)
+    out = compiled(q, k, v)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = flash_attn_func(q, k, v, causal=True)
+    ref.sum().backward()
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))

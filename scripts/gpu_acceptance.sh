@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks behind the issues' closing notes, in one command (run on a CUDA machine):
+#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train]
+# tests: the whole suite compiled on the GPU; bench: the kernel grid vs SDPA (make bench);
+# train: GPT-2 small at 16K context, 200 steps with our kernel and with SDPA, same seed and data.
+set -uo pipefail
+OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline
+steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests bench train)
+for s in "${steps[@]}"; do
+  case $s in
+    tests)
+      # pytest-xdist, where installed, spreads the many kernel compilations over the CPU cores
+      xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
+      $PY -m pytest -q $xdist -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
+    bench)
+      $PY scripts/bench_attention.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | grep -v '^{"D"' | tail -45 ;;
+    train)
+      for att in flash sdpa; do
+        $PY train.py model=gpt2_small model.attention=$att data.seq_len=16384 data.batch_size=1 \
+          train.max_steps=${TRAIN_STEPS:-200} train.warmup_steps=20 train.lr=6e-4 train.min_lr=6e-5 \
+          train.eval_every=100 train.eval_batches=4 train.ckpt_every=100000 train.sample_tokens=32 \
+          logger=offline name=gpt2_small_16k_kernels hydra.run.dir="/tmp/runs/$att" 2>&1 \
+          | grep -v "train:" | tail -8
+        cp "/tmp/runs/$att/metrics.jsonl" "$OUT/train_$att.jsonl"
+      done ;;
+    *) echo "unknown step $s (tests | bench | train)"; exit 2 ;;
+  esac
+done
