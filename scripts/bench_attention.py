@@ -55,6 +55,9 @@ def make_providers(causal, n, flex_ok):
     }
     if flex_ok:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        # one compilation per shape and grad mode: past dynamo's default limit of 8 recompiles flex
+        # silently falls back to an unfused path that materializes the scores
+        torch._dynamo.config.recompile_limit = 1024
         flex = torch.compile(flex_attention, dynamic=False)
         mask = None
         if causal:
@@ -243,8 +246,10 @@ def plot(rows, env, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = list(dict.fromkeys((r["mode"], r["D"], r["causal"]) for r in rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (mode, D, causal) in zip(axes[0], panels):
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+    for ax, (mode, D, causal) in zip(axes.flat, panels):
         for p in dict.fromkeys(r["provider"] for r in rows):
             pts = [(r["N"], r["tflops"]) for r in rows
                    if (r["mode"], r["D"], r["causal"], r["provider"]) == (mode, D, causal, p) and r["tflops"]]
