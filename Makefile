@@ -28,6 +28,9 @@ test-gpu: ## run the test suite compiled on a CUDA GPU (uses the current python)
 bench: ## attention kernel TFLOP/s and memory vs SDPA / standard attention (CUDA)
 	$(PYTHON) scripts/bench_attention.py $(ARGS)
 
+bench-context: ## context sweep: peak memory and tokens/s per backend and memory plan (CUDA)
+	$(PYTHON) scripts/bench_context.py $(ARGS)
+
 # `make train model=gpt2_small data.seq_len=32768`: make reads `key=value` words as variable
 # definitions, so every variable set on the command line, except this Makefile's own, is passed
 # to train.py as a Hydra override (with `$(value ...)`, so `${...}` interpolations reach Hydra as typed).
@@ -44,4 +47,4 @@ CKPT ?= $(lastword $(sort $(wildcard outputs/*/*/checkpoints/latest.pt)))
 sample: $(STAMP) ## text from a checkpoint: make sample [CKPT=path] [ARGS='--prompt "def f"']
 	$(PY) sample.py $(CKPT) $(ARGS)
 
-.PHONY: help venv test test-gpu bench train sample
+.PHONY: help venv test test-gpu bench bench-context train sample

@@ -29,6 +29,7 @@ from training.device import autocast, peak_flops, peak_memory_gib, resolve_devic
 from training.evaluate import passkey, val_loss
 from training.generate import generate_text
 from training.logger import RunLogger
+from training.memory import apply_memory_plan
 from training.optim import build_optimizer, build_schedule
 from training.rng import rng_state, seed_all, set_rng_state
 from training.validate import ConfigError, config_error, gpt_config, validate
@@ -64,7 +65,8 @@ def train(cfg: DictConfig) -> dict:
 
     # model, optimizer, schedule
     model_config = gpt_config(cfg, bundle.vocab_size)
-    raw_model = GPT(model_config).to(device)
+    raw_model = apply_memory_plan(GPT(model_config).to(device), t.activation_checkpointing, t.seq_chunk,
+                                  t.loss_chunk)
     model = torch.compile(raw_model) if t.compile else raw_model
     optimizer = build_optimizer(raw_model, t, device)
     schedule = build_schedule(optimizer, t)

@@ -142,14 +142,7 @@ class CausalSelfAttention(nn.Module):
         them (decoding); cu_seqlens must then be None.
         """
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-                                     self.n_kv_head * self.head_dim], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-
+        q, k, v = self.project(x, rope)
         backend = self.backend
         if cache is not None:
             if cache.k is not None:
@@ -159,6 +152,22 @@ class CausalSelfAttention(nn.Module):
                 # align it top-left and hide the cache from the new token).
                 backend = "naive"
             cache.k, cache.v = k, v
+        return self.proj(self.attend(q, k, v, cu_seqlens, backend))
 
-        y = attention(q, k, v, backend, cu_seqlens=cu_seqlens, window=self.window, sdpa_backend=self.sdpa_backend)
-        return self.proj(y.reshape(B, T, self.n_head * self.head_dim))
+    def project(self, x, rope=None):
+        """Token-wise part: x (B, T, d_model) -> q (B, T, n_head, hd), k, v (B, T, n_kv_head, hd), RoPE applied."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                                     self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def attend(self, q, k, v, cu_seqlens=None, backend=None):
+        """Mixing across tokens: -> (B, Tq, n_head * hd), before the output projection."""
+        y = attention(q, k, v, backend or self.backend, cu_seqlens=cu_seqlens, window=self.window,
+                      sdpa_backend=self.sdpa_backend)
+        return y.reshape(q.shape[0], q.shape[1], self.n_head * self.head_dim)

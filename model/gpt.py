@@ -10,9 +10,11 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, KVCache
 from .config import GPTConfig
+from .loss import chunked_cross_entropy
 from .rope import RotaryEmbedding
 
 
@@ -51,12 +53,44 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
+    # Tokens per tile of the token-wise work (norms, projections, MLP) when > 0; set from outside
+    # by training.memory.apply_memory_plan. 0 runs each whole-sequence op at once.
+    seq_chunk: int = 0
+
     def forward(self, x, rope=None, cu_seqlens=None, cache=None):
+        if self.seq_chunk and cache is None:
+            return self._tiled_forward(x, rope, cu_seqlens)
         x = x + self.drop(self.attn(self.norm1(x), rope, cu_seqlens, cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
+    def _tiled_forward(self, x, rope, cu_seqlens):
+        """The same block with everything but attention run in tiles of seq_chunk tokens, each tile
+        recomputed in backward: no (B, T, d_ff) or (B, T, 3 * d_model) intermediate exists at once
+        beyond q, k, v themselves. Exactly the math of forward()."""
+        tiles = range(0, x.shape[1], self.seq_chunk)
+
+        def project(x_t, *rope_t):
+            return self.attn.project(self.norm1(x_t), rope_t or None)
+
+        def finish(x_t, y_t):
+            x_t = x_t + self.drop(self.attn.proj(y_t))
+            return x_t + self.drop(self.mlp(self.norm2(x_t)))
+
+        def tile(t, s):
+            return t[:, s:s + self.seq_chunk]
+
+        qkv = [checkpoint(project, tile(x, s), *(tile(r, s) for r in (rope or ())), use_reentrant=False)
+               for s in tiles]
+        q, k, v = (torch.cat(parts, dim=1) for parts in zip(*qkv))
+        y = self.attn.attend(q, k, v, cu_seqlens)
+        return torch.cat([checkpoint(finish, tile(x, s), tile(y, s), use_reentrant=False) for s in tiles], dim=1)
+
 
 class GPT(nn.Module):
+    # Tokens per tile of the cross-entropy when > 0 (training.memory.apply_memory_plan): forward then
+    # returns logits=None with the loss.
+    loss_chunk: int = 0
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         config.validate()                      # the fields are mutable; catch edits made after construction
@@ -90,18 +124,25 @@ class GPT(nn.Module):
         """input_ids, targets, position_ids: int64 (B, T); cu_seqlens: int32 (n_docs + 1,).
 
         Returns (logits (B, T, vocab_size), loss): loss is the fp32 mean cross-entropy over targets
-        != -100, or None without targets. position_ids defaults to 0..T-1 in every row; the loader's
+        != -100, or None without targets; logits is None when loss_chunk tiles the loss. position_ids defaults to 0..T-1 in every row; the loader's
         restart at 0 in each document. cu_seqlens holds document boundaries over the flattened B*T
         tokens; with config.doc_masking the documents do not attend to each other (rows never do).
         """
-        logits = self._logits(input_ids, position_ids, cu_seqlens)
+        hidden = self._hidden(input_ids, position_ids, cu_seqlens)
+        if targets is not None and self.loss_chunk:
+            # tiled loss: no (B, T, vocab) logits in forward or backward, so none are returned
+            return None, chunked_cross_entropy(hidden, self.lm_head.weight, targets, self.loss_chunk)
+        logits = self.lm_head(hidden)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-100)
         return logits, loss
 
     def _logits(self, input_ids, position_ids=None, cu_seqlens=None, caches=None):
-        """The forward pass; caches: one KVCache per block when generating."""
+        return self.lm_head(self._hidden(input_ids, position_ids, cu_seqlens, caches))
+
+    def _hidden(self, input_ids, position_ids=None, cu_seqlens=None, caches=None):
+        """The forward pass up to the final norm; caches: one KVCache per block when generating."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -117,7 +158,7 @@ class GPT(nn.Module):
         rope = self.rope(position_ids) if self.rope is not None else None   # shared by every layer
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cu_seqlens, caches[i] if caches is not None else None)
-        return self.lm_head(self.norm_f(x))                         # (B, T, vocab_size)
+        return self.norm_f(x)                                        # (B, T, d_model)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of distinct parameters (a tied matrix counts once).

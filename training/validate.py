@@ -18,6 +18,7 @@ from data import DataConfig
 from model import GPTConfig
 
 from .device import resolve_device
+from .memory import CHECKPOINT_MODES
 
 # Keys and types of the groups this package consumes. The model and data groups are checked by
 # their own packages (GPTConfig, DataConfig), so a field added there needs no edit here.
@@ -28,11 +29,13 @@ TRAIN_SCHEMA = {
     "eval_batches": int, "eval_passkey": bool, "passkey_depths": list, "passkey_trials": int,
     "ckpt_every": int, "ckpt_dir": str, "ckpt_keep": int, "resume": str | None,
     "sample_prompt": str, "sample_tokens": int,
+    "activation_checkpointing": str, "seq_chunk": int, "loss_chunk": int,
 }
 LOGGER_SCHEMA = {"mode": str, "project": str, "group": str, "name": str | None, "dir": str}
 CHOICES = {
     "train.optimizer": ("adamw",),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.activation_checkpointing": CHECKPOINT_MODES,
     "logger.mode": ("auto", "online", "offline", "none"),
 }
 
@@ -144,6 +147,8 @@ def _check_train(train: DictConfig) -> None:
     depths = list(train.passkey_depths)
     need(len(depths) > 0 and all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in depths), "passkey_depths",
          f"{depths} must be a non-empty list of numbers in [0, 1]", "set train.passkey_depths=[0,0.5,1]")
+    for key in ("seq_chunk", "loss_chunk"):
+        need(train[key] >= 0, key, f"{train[key]} must be >= 0 (0 = no tiling)", f"set train.{key}=16384 or 0")
     need(train.sample_tokens >= 0, "sample_tokens", f"{train.sample_tokens} must be >= 0", "0 skips the sample")
 
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", train.device) is not None, "device",

@@ -1,0 +1,77 @@
+"""The memory plan changes memory, never the math: same loss and gradients with every setting."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig
+from model.loss import chunked_cross_entropy
+from training.memory import apply_memory_plan
+
+
+def test_chunked_cross_entropy_matches_full_loss_and_gradients():
+    h = torch.randn(2, 37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (2, 37))
+    t[0, :5] = -100
+    loss = chunked_cross_entropy(h, w, t, chunk=8)
+    loss.backward()
+    got = loss.detach(), h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy((h @ w.t()).view(-1, 50), t.view(-1), ignore_index=-100)
+    ref.backward()
+    for a, b in zip(got, (ref.detach(), h.grad, w.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_cross_entropy_under_autocast_gives_param_dtype_grads():
+    h = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(30, 16, requires_grad=True)
+    t = torch.randint(0, 30, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(h, w, t, chunk=16)
+        ref = F.cross_entropy(F.linear(h, w).float(), t)
+    loss.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) < 2e-2
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    _, loss = model(**batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["none", "block", "offload"])
+@pytest.mark.parametrize("seq_chunk,loss_chunk", [(0, 0), (16, 0), (7, 13)], ids=["plain", "tiles16", "tiles7-13"])
+def test_memory_plan_keeps_loss_and_gradients(mode, seq_chunk, loss_chunk):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=97, seq_len=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, mlp="swiglu",
+                    attention="reference")
+    model = GPT(cfg)
+    targets = torch.randint(0, 97, (2, 40))
+    targets[0, :3] = -100
+    batch = dict(input_ids=torch.randint(0, 97, (2, 40)), targets=targets,
+                 cu_seqlens=torch.tensor([0, 10, 40, 80], dtype=torch.int32))
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    planned = apply_memory_plan(copy.deepcopy(model), mode, seq_chunk, loss_chunk)
+    loss, grads = _loss_and_grads(planned, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    assert planned.state_dict().keys() == model.state_dict().keys()   # checkpoints stay compatible
+    # evaluation and generation still work (no grad: nothing saved)
+    with torch.no_grad():
+        assert planned(**batch)[1] is not None
+    planned.eval()
+    assert planned.generate(batch["input_ids"][:1, :5], 3, temperature=0).shape == (1, 8)
+
+
+def test_bad_memory_plan_raises():
+    model = GPT(GPTConfig(vocab_size=10, seq_len=8, n_layer=1, n_head=1, d_model=8, attention="reference"))
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        apply_memory_plan(model, "everything")
+    with pytest.raises(ValueError, match="seq_chunk"):
+        apply_memory_plan(model, "block", seq_chunk=-1)
