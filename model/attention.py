@@ -35,7 +35,7 @@ _SDPA_KERNELS = {
 }
 # enable_gqa arrived in torch 2.5, and only SDPA's flash and math kernels accept it on every
 # version we support; the others get k/v with their heads repeated.
-_SDPA_GQA = ("flash", "math") if torch.__version__ >= "2.5" else ()
+_SDPA_GQA = ("flash", "math") if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 5) else ()
 
 
 @dataclass
