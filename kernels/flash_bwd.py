@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .flash_fwd import _dot
-from .mask import _kv_block_range, _q_block_range, _tile_visible
+from .mask import _kv_block_range, _q_block_range, _sequence_bounds, _tile_visible
 
 
 
@@ -112,14 +112,8 @@ def _attn_bwd_dkdv(Q, K, V, DOut, LSE, Delta, DK, DV, CuSeqlensQ, CuSeqlensK,
     pid_n = pid % num_n_blocks
     b = pid_bh // NUM_KV_HEADS
     hk = pid_bh % NUM_KV_HEADS
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + b)
-        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + b)
-        seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CuSeqlensQ, CuSeqlensK, seqlen_q, seqlen_k,
+                                                            IS_VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
         return
@@ -226,14 +220,8 @@ def _attn_bwd_dq(Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK,
     b = pid_bh // NUM_HEADS
     h = pid_bh % NUM_HEADS
     hk = h // GROUP
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + b)
-        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + b)
-        seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CuSeqlensQ, CuSeqlensK, seqlen_q, seqlen_k,
+                                                            IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
         return

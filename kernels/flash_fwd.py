@@ -8,7 +8,7 @@ One program owns BLOCK_M query rows of one (sequence, head); it walks the key bl
 import triton
 import triton.language as tl
 
-from .mask import _kv_block_range, _tile_visible
+from .mask import _kv_block_range, _sequence_bounds, _tile_visible
 
 
 @triton.jit
@@ -91,14 +91,8 @@ def _attn_fwd(Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK,
     b = pid_bh // NUM_HEADS
     h = pid_bh % NUM_HEADS
     hk = h // GROUP
-    if IS_VARLEN:
-        q_start = tl.load(CuSeqlensQ + b)
-        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
-        k_start = tl.load(CuSeqlensK + b)
-        seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
+    q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CuSeqlensQ, CuSeqlensK, seqlen_q, seqlen_k,
+                                                            IS_VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
         return

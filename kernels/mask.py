@@ -35,6 +35,18 @@ def visible(rows: torch.Tensor, cols: torch.Tensor, seqlen_q: int, seqlen_k: int
 
 
 @triton.jit
+def _sequence_bounds(b, CuSeqlensQ, CuSeqlensK, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k) of sequence b: its document's rows from cu_seqlens in
+    varlen mode, the whole padded sequence (batch stride does the rest) otherwise."""
+    if IS_VARLEN:
+        q_start = tl.load(CuSeqlensQ + b)
+        k_start = tl.load(CuSeqlensK + b)
+        return q_start, tl.load(CuSeqlensQ + b + 1) - q_start, k_start, tl.load(CuSeqlensK + b + 1) - k_start
+    zero = b * 0   # a tensor like b, so callers can .to(tl.int64) it in either mode
+    return zero, seqlen_q, zero, seqlen_k
+
+
+@triton.jit
 def _kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
