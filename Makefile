@@ -34,7 +34,7 @@ bench-context: ## context sweep: peak memory and tokens/s per backend and memory
 # `make train model=gpt2_small data.seq_len=32768`: make reads `key=value` words as variable
 # definitions, so every variable set on the command line, except this Makefile's own, is passed
 # to train.py as a Hydra override (with `$(value ...)`, so `${...}` interpolations reach Hydra as typed).
-MAKE_VARS := PYTHON VENV ARGS CKPT
+MAKE_VARS := PYTHON VENV ARGS CKPT NAME SMOKE
 OVERRIDES  = $(strip $(foreach v,$(filter-out $(MAKE_VARS),$(.VARIABLES)),\
                $(if $(filter command line,$(origin $(v))),'$(v)=$(value $(v))')))
 
@@ -47,4 +47,10 @@ CKPT ?= $(lastword $(sort $(wildcard outputs/*/*/checkpoints/latest.pt)))
 sample: $(STAMP) ## text from a checkpoint: make sample [CKPT=path] [ARGS='--prompt "def f"']
 	$(PY) sample.py $(CKPT) $(ARGS)
 
-.PHONY: help venv test test-gpu bench bench-context train sample
+# `make experiment NAME=e3_context [SMOKE=1]`: a long-context experiment end to end (scripts/experiment.py):
+# its training runs, their evaluation, and reports/<NAME>/report.md with plots. SMOKE=1 runs the
+# CPU-sized variant (configs/experiment/<NAME>_smoke.yaml); `key=value` words override every run's config.
+experiment: $(STAMP) ## long-context experiment + report: NAME=e2_passkey|e3_context|e4_extend [SMOKE=1]
+	$(PY) scripts/experiment.py $(NAME) $(if $(filter 1 true yes,$(SMOKE)),--smoke) $(ARGS) $(OVERRIDES)
+
+.PHONY: help venv test test-gpu bench bench-context train sample experiment

@@ -67,6 +67,15 @@ def train(cfg: DictConfig) -> dict:
     model_config = gpt_config(cfg, bundle.vocab_size)
     raw_model = apply_memory_plan(GPT(model_config).to(device), t.activation_checkpointing, t.seq_chunk,
                                   t.loss_chunk)
+    if t.init_from is not None:
+        # Another run's weights, nothing else (a fine-tune). Strict: every tensor, same shapes; settings
+        # that shape no weight (rope_theta, rope_scaling_factor, seq_len with RoPE, attention) may differ.
+        try:
+            raw_model.load_state_dict(load_checkpoint(t.init_from)["model"])
+        except RuntimeError as e:
+            first = str(e).split("\n\t")[1].strip()  # torch lists each mismatch on a line of its own
+            raise ConfigError("train.init_from", f"{t.init_from} does not fit this model: {first}",
+                              "keep the model shape of the run that wrote it") from None
     model = torch.compile(raw_model) if t.compile else raw_model
     optimizer = build_optimizer(raw_model, t, device)
     schedule = build_schedule(optimizer, t)

@@ -27,7 +27,7 @@ TRAIN_SCHEMA = {
     "weight_decay": float, "betas": list, "grad_clip": float, "grad_accum": int, "precision": str,
     "compile": bool, "seed": int, "device": str, "log_every": int, "eval_every": int,
     "eval_batches": int, "eval_passkey": bool, "passkey_depths": list, "passkey_trials": int,
-    "ckpt_every": int, "ckpt_dir": str, "ckpt_keep": int, "resume": str | None,
+    "ckpt_every": int, "ckpt_dir": str, "ckpt_keep": int, "resume": str | None, "init_from": str | None,
     "sample_prompt": str, "sample_tokens": int,
     "activation_checkpointing": str, "seq_chunk": int, "loss_chunk": int,
 }
@@ -161,6 +161,9 @@ def _check_train(train: DictConfig) -> None:
     if train.resume not in (None, "latest"):
         need(Path(train.resume).is_file(), "resume", f"no checkpoint file at {train.resume!r}",
              "pass a step_*.pt or latest.pt, or train.resume=latest")
+    if train.init_from is not None:
+        need(Path(train.init_from).is_file(), "init_from", f"no checkpoint file at {train.init_from!r}",
+             "pass a step_*.pt or latest.pt of an earlier run")
 
 
 def _check_model(cfg: DictConfig) -> None:
