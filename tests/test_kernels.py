@@ -360,3 +360,14 @@ def test_torch_compile_traces_the_op_in_one_graph(device):
     ref.sum().backward()
     assert torch.equal(out, ref)
     assert all(torch.equal(a, t.grad) for a, t in zip(grads, (q, k, v)))
+
+
+def test_cu_seqlens_checked_again_after_in_place_change(device):
+    # the offsets are read back once per tensor version; an in-place edit must be checked anew
+    q = k = v = torch.randn(10, 2, 32, dtype=torch.float16, device=device)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
+    flash_attn_varlen_func(q, k, v, cu, cu, 6, 6)
+    flash_attn_varlen_func(q, k, v, cu, cu, 6, 6)
+    cu[1] = 11
+    with pytest.raises(ValueError, match="non-decreasing"):
+        flash_attn_varlen_func(q, k, v, cu, cu, 6, 6)
