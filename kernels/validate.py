@@ -94,11 +94,11 @@ def check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if _last_checked is not None and _last_checked[0]() is cu_seqlens_q and _last_checked[1]() is cu_seqlens_k \
             and _last_checked[2] == key:
         return
-    for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-                                     ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
-        lens = cu.diff()
-        first, last, min_len, longest = torch.stack(
-            [cu[0], cu[-1], lens.min(), lens.max()]).tolist()
+    # one read-back for both tensors: (first, last, shortest, longest) of each
+    stats = torch.stack([torch.stack([cu[0], cu[-1], cu.diff().min(), cu.diff().max()])
+                         for cu in (cu_seqlens_q, cu_seqlens_k)]).tolist()
+    for (name, total, max_len), (first, last, min_len, longest) in zip(
+            (("cu_seqlens_q", q.shape[0], max_seqlen_q), ("cu_seqlens_k", k.shape[0], max_seqlen_k)), stats):
         if first != 0:
             raise ValueError(f"{name} must start at 0, got {first}")
         if min_len < 0:

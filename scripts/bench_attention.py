@@ -218,6 +218,7 @@ def main():
         w.writeheader()
         w.writerows(rows)
     print_table(rows, env, log)
+    log_file.close()
     plot(rows, env, out_dir / "bench.png")
 
 

@@ -76,8 +76,8 @@ def run_point(name, model_name, seq_len, steps):
     flops = model.flops_per_token(seq_len) * tok_s
     dev_peak = peak_flops(torch.device("cuda"))
     del model, opt, x, y, loss
-    return dict(rec, params_gib=mem_params / GIB,
-                optimizer_state_gib=(before - mem_params) / GIB if steps > 1 else None,
+    return dict(rec, model_gib=mem_params / GIB,   # parameters + RoPE cos/sin table
+                optimizer_state_gib=(before - mem_params) / GIB if steps > 1 else None,   # AdamW + grads
                 peak_gib=peak / GIB, step_s=step_s, tokens_per_s=tok_s, mfu=flops / dev_peak if dev_peak else None)
 
 
@@ -123,7 +123,7 @@ def main():
         w.writeheader()
         w.writerows(rows)
     print(f"\n{env['gpu']}, {args.model}, batch 1, bf16 autocast, full step incl. AdamW")
-    print("| config | context | step s | tokens/s | MFU | peak GiB | kept for bwd GiB | params GiB | AdamW+grads GiB |")
+    print("| config | context | step s | tokens/s | MFU | peak GiB | kept for bwd GiB | model GiB | AdamW+grads GiB |")
     for r in rows:
         if r["status"] != "ok":
             print(f"| {r['config']} | {r['seq_len']} | {r['status']} | | | | | | |")
@@ -131,7 +131,7 @@ def main():
         mfu = f"{r['mfu']:.2f}" if r["mfu"] else "-"
         opt = f"{r['optimizer_state_gib']:.2f}" if r["optimizer_state_gib"] is not None else "-"
         print(f"| {r['config']} | {r['seq_len']} | {r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | {mfu} | "
-              f"{r['peak_gib']:.2f} | {r['saved_for_backward_gib']:.2f} | {r['params_gib']:.2f} | {opt} |")
+              f"{r['peak_gib']:.2f} | {r['saved_for_backward_gib']:.2f} | {r['model_gib']:.2f} | {opt} |")
     plot(rows, env, out)
 
 
