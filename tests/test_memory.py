@@ -75,3 +75,28 @@ def test_bad_memory_plan_raises():
         apply_memory_plan(model, "everything")
     with pytest.raises(ValueError, match="seq_chunk"):
         apply_memory_plan(model, "block", seq_chunk=-1)
+
+
+def _saved_bytes(model, batch):
+    """Bytes autograd keeps for backward during one forward pass."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits, loss = model(**batch)
+    return total, logits
+
+
+def test_memory_plan_keeps_less_for_backward():
+    # the plan must actually be in force, not only harmless: less saved, no full logits
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=500, seq_len=128, n_layer=2, n_head=4, d_model=32, attention="reference")
+    batch = dict(input_ids=torch.randint(0, 500, (1, 128)), targets=torch.randint(0, 500, (1, 128)))
+    plain, logits = _saved_bytes(GPT(cfg), batch)
+    assert logits is not None
+    for mode in ("block", "offload"):
+        planned, logits = _saved_bytes(apply_memory_plan(GPT(cfg), mode, 32, 32), batch)
+        assert logits is None and planned < plain / 4, (mode, planned, plain)
