@@ -4,6 +4,6 @@ Read in this order: ``reference.py`` (PyTorch oracle and CPU path) -> ``mask.py`
 -> ``flash_fwd.py`` / ``flash_bwd.py`` (Triton kernels) -> ``launch.py`` (launch parameters, grids)
 -> ``flash_attn.py`` (autograd Function, public functions).
 """
-from .flash_attn import flash_attn_func, flash_attn_varlen_func
+from .flash_attn import flash_attn_backward, flash_attn_func, flash_attn_varlen_func
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_backward"]

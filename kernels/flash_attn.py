@@ -111,3 +111,31 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     else:
         out, lse = blockwise_attention(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k)
     return (out, lse) if return_lse else out
+
+
+def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """Gradients (dq, dk, dv) of ``flash_attn_func`` / ``flash_attn_varlen_func`` (same arguments) from
+    the ``out`` and ``lse`` a forward call returned, without running the forward again.
+
+    For callers that keep the attention output across the backward pass and drop everything else
+    (selective activation checkpointing, training/memory.py). Triton path only: CUDA tensors, or CPU
+    under TRITON_INTERPRET=1.
+    """
+    varlen = cu_seqlens_q is not None
+    check_qkv(q, k, v, varlen=varlen)
+    scale = check_options(q.shape[-1], softmax_scale, window_size)
+    if varlen:
+        check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    else:
+        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+    if not _use_triton(q):
+        raise ValueError("flash_attn_backward runs the Triton kernels: it needs CUDA tensors, or CPU tensors "
+                         "with TRITON_INTERPRET=1")
+    for name, t, like in (("dout", dout, q), ("out", out, q)):
+        if t.shape != like.shape or t.dtype != like.dtype:
+            raise ValueError(f"{name} must have q's shape {tuple(like.shape)} and dtype {like.dtype}, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    left, right = normalize_window(causal, window_size)
+    return _flash_bwd_op(dout, None, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         scale, left, right)

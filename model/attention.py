@@ -65,6 +65,58 @@ def _mask(Tq: int, Tk: int, device, window: int, doc_ids: torch.Tensor | None = 
     return mask.view(-1, 1, Tq, Tk)
 
 
+def _flash_args(q, k, v, cu_seqlens, window):
+    """(q, k, v, kwargs) for the kernels' functions computing our causal attention: the batch layout as
+    is, or with documents the varlen layout (flattened tokens and boundaries)."""
+    B, Tq, H, D = q.shape
+    Tk, Hk = k.shape[1], k.shape[2]
+    kw = dict(causal=True, window_size=(window, 0) if window >= 0 else (-1, -1))
+    if cu_seqlens is None:
+        return q, k, v, kw
+    # Rows are independent sequences (as in the sdpa/naive mask): add every row start as a
+    # boundary so no document runs across rows. Duplicate boundaries are empty documents, which
+    # the kernels skip, and no document is longer than T, so T bounds max_seqlen without
+    # reading the offsets back to the host.
+    row_starts = torch.arange(0, B * Tq + 1, Tq, device=q.device, dtype=torch.int32)
+    cu = torch.cat([cu_seqlens, row_starts]).sort().values
+    kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=Tq, max_seqlen_k=Tk)
+    return q.reshape(B * Tq, H, D), k.reshape(B * Tk, Hk, D), v.reshape(B * Tk, Hk, D), kw
+
+
+def _kernels_backward(backend: str, q) -> bool:
+    """Whether this backend runs our Triton kernels here, whose backward can start from a kept output."""
+    if backend == "auto":
+        backend = "flash" if q.is_cuda else "reference"
+    return backend in ("flash", "reference") and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def attention_keep(q, k, v, backend: str, **kw):
+    """attention() without an autograd graph, for callers that keep its output through backward
+    (training/memory.py) -> (out, lse). lse is None when the backend cannot start its backward from a
+    kept output; attention_backward then recomputes the forward."""
+    with torch.no_grad():
+        if not _kernels_backward(backend, q):
+            return attention(q, k, v, backend, **kw), None
+        from kernels import flash_attn_func, flash_attn_varlen_func
+        q_, k_, v_, fkw = _flash_args(q, k, v, kw.get("cu_seqlens"), kw.get("window", -1))
+        fn = flash_attn_varlen_func if "cu_seqlens_q" in fkw else flash_attn_func
+        out, lse = fn(q_, k_, v_, return_lse=True, **fkw)
+        return out.view(q.shape), lse
+
+
+def attention_backward(dout, q, k, v, out, lse, backend: str, **kw):
+    """Gradients (dq, dk, dv) of attention(q, k, v, backend, **kw) given dout, from attention_keep's
+    (out, lse): the kernels' backward alone, or (lse None) the forward recomputed under autograd."""
+    if lse is not None:
+        from kernels import flash_attn_backward
+        q_, k_, v_, fkw = _flash_args(q, k, v, kw.get("cu_seqlens"), kw.get("window", -1))
+        dq, dk, dv = flash_attn_backward(dout.reshape(q_.shape), q_, k_, v_, out.reshape(q_.shape), lse, **fkw)
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        return torch.autograd.grad(attention(q, k, v, backend, **kw), (q, k, v), dout)
+
+
 def attention(q, k, v, backend: str, *, cu_seqlens=None, window: int = -1, sdpa_backend: str = "math"):
     """Causal attention. q (B, Tq, H, D); k, v (B, Tk, Hk, D) with H % Hk == 0 -> (B, Tq, H, D).
 
@@ -82,18 +134,9 @@ def attention(q, k, v, backend: str, *, cu_seqlens=None, window: int = -1, sdpa_
                              "on CPU; use attention='reference' (or 'auto') on CPU")
         # Imported here so the sdpa/naive baselines work on machines without Triton.
         from kernels import flash_attn_func, flash_attn_varlen_func
-        window_size = (window, 0) if window >= 0 else (-1, -1)
-        if cu_seqlens is None:
-            return flash_attn_func(q, k, v, causal=True, window_size=window_size)
-        # Rows are independent sequences (as in the sdpa/naive mask): add every row start as a
-        # boundary so no document runs across rows. Duplicate boundaries are empty documents, which
-        # the kernels skip, and no document is longer than T, so T bounds max_seqlen without
-        # reading the offsets back to the host.
-        row_starts = torch.arange(0, B * Tq + 1, Tq, device=q.device, dtype=torch.int32)
-        cu = torch.cat([cu_seqlens, row_starts]).sort().values
-        out = flash_attn_varlen_func(q.reshape(B * Tq, H, D), k.reshape(B * Tk, Hk, D), v.reshape(B * Tk, Hk, D),
-                                     cu, cu, Tq, Tk, causal=True, window_size=window_size)
-        return out.view(B, Tq, H, D)
+        q_, k_, v_, kw = _flash_args(q, k, v, cu_seqlens, window)
+        fn = flash_attn_varlen_func if "cu_seqlens_q" in kw else flash_attn_func
+        return fn(q_, k_, v_, **kw).view(B, Tq, H, D)
 
     if backend in ("sdpa", "naive"):
         doc_ids = None
@@ -168,6 +211,18 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q, k, v, cu_seqlens=None, backend=None):
         """Mixing across tokens: -> (B, Tq, n_head * hd), before the output projection."""
-        y = attention(q, k, v, backend or self.backend, cu_seqlens=cu_seqlens, window=self.window,
-                      sdpa_backend=self.sdpa_backend)
+        y = attention(q, k, v, backend or self.backend, **self._options(cu_seqlens))
         return y.reshape(q.shape[0], q.shape[1], self.n_head * self.head_dim)
+
+    def attend_keep(self, q, k, v, cu_seqlens=None):
+        """attend() without a graph -> (y (B, T, n_head * hd), lse or None), for attend_backward."""
+        y, lse = attention_keep(q, k, v, self.backend, **self._options(cu_seqlens))
+        return y.reshape(q.shape[0], q.shape[1], self.n_head * self.head_dim), lse
+
+    def attend_backward(self, dy, q, k, v, y, lse, cu_seqlens=None):
+        """(dq, dk, dv) of attend() from attend_keep's (y, lse) and the gradient dy of y."""
+        return attention_backward(dy.view(q.shape), q, k, v, y.view(q.shape), lse, self.backend,
+                                  **self._options(cu_seqlens))
+
+    def _options(self, cu_seqlens):
+        return dict(cu_seqlens=cu_seqlens, window=self.window, sdpa_backend=self.sdpa_backend)

@@ -67,23 +67,26 @@ class Block(nn.Module):
         """The same block with everything but attention run in tiles of seq_chunk tokens, each tile
         recomputed in backward: no (B, T, d_ff) or (B, T, 3 * d_model) intermediate exists at once
         beyond q, k, v themselves. Exactly the math of forward()."""
-        tiles = range(0, x.shape[1], self.seq_chunk)
-
-        def project(x_t, *rope_t):
-            return self.attn.project(self.norm1(x_t), rope_t or None)
-
-        def finish(x_t, y_t):
-            x_t = x_t + self.drop(self.attn.proj(y_t))
-            return x_t + self.drop(self.mlp(self.norm2(x_t)))
-
-        def tile(t, s):
-            return t[:, s:s + self.seq_chunk]
-
-        qkv = [checkpoint(project, tile(x, s), *(tile(r, s) for r in (rope or ())), use_reentrant=False)
-               for s in tiles]
+        tiles = self.tiles(x.shape[1])
+        qkv = [checkpoint(self.project_tile, x[:, t], *(r[:, t] for r in (rope or ())), use_reentrant=False)
+               for t in tiles]
         q, k, v = (torch.cat(parts, dim=1) for parts in zip(*qkv))
         y = self.attn.attend(q, k, v, cu_seqlens)
-        return torch.cat([checkpoint(finish, tile(x, s), tile(y, s), use_reentrant=False) for s in tiles], dim=1)
+        return torch.cat([checkpoint(self.finish_tile, x[:, t], y[:, t], use_reentrant=False) for t in tiles], dim=1)
+
+    # The token-wise halves of the block, for tiled execution here and in training/memory.py.
+    def tiles(self, T: int) -> list[slice]:
+        chunk = self.seq_chunk or T
+        return [slice(s, s + chunk) for s in range(0, T, chunk)]
+
+    def project_tile(self, x_t, *rope_t):
+        """Before attention: q, k, v of these tokens (RoPE applied)."""
+        return self.attn.project(self.norm1(x_t), rope_t or None)
+
+    def finish_tile(self, x_t, y_t):
+        """After attention: the block's output for these tokens from its input and attention output."""
+        x_t = x_t + self.drop(self.attn.proj(y_t))
+        return x_t + self.drop(self.mlp(self.norm2(x_t)))
 
 
 class GPT(nn.Module):

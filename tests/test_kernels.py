@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kernels.flash_attn as flash_attn_module
-from kernels import flash_attn_func, flash_attn_varlen_func
+from kernels import flash_attn_backward, flash_attn_func, flash_attn_varlen_func
 from kernels.launch import KernelConfig, override_configs
 from kernels.reference import attention_ref, blockwise_attention
 
@@ -193,6 +193,27 @@ def test_varlen_documents_do_not_attend_across(device):
     out2 = flash_attn_varlen_func(q, k2, v2, cu, cu, 30, 30, causal=True)
     assert torch.equal(out1[20:], out2[20:])
     assert not torch.equal(out1[:20], out2[:20])
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
+def test_backward_from_kept_output_matches_autograd(varlen, device):
+    # flash_attn_backward (selective checkpointing's entry point) gives exactly the op's own gradients
+    q, k, v = make_qkv(2, 37, 37, 4, 2, 32, torch.bfloat16, device)
+    kw = dict(causal=True, window_size=(11, 0))
+    if varlen:
+        cu = torch.tensor([0, 9, 9, 50, 74], dtype=torch.int32, device=device)
+        q, k, v = (t.reshape(74, *t.shape[2:]) for t in (q, k, v))
+        kw |= dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=41, max_seqlen_k=41)
+    fn = flash_attn_varlen_func if varlen else flash_attn_func
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves, return_lse=True, **kw)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    got = flash_attn_backward(dout, q, k, v, out.detach(), lse.detach(), **kw)
+    for g, leaf in zip(got, leaves):
+        assert torch.equal(g, leaf.grad)
+    with pytest.raises(ValueError, match="dout must have q's shape"):
+        flash_attn_backward(dout[..., :16], q, k, v, out.detach(), lse.detach(), **kw)
 
 
 def test_non_contiguous_inputs(device):

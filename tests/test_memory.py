@@ -39,17 +39,21 @@ def test_chunked_cross_entropy_under_autocast_gives_param_dtype_grads():
 
 def _loss_and_grads(model, batch):
     model.zero_grad()
+    torch.manual_seed(1)   # the same dropout masks in every run
     _, loss = model(**batch)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("mode", ["none", "block", "offload"])
+@pytest.mark.parametrize("mode", ["none", "block", "selective", "offload"])
 @pytest.mark.parametrize("seq_chunk,loss_chunk", [(0, 0), (16, 0), (7, 13)], ids=["plain", "tiles16", "tiles7-13"])
-def test_memory_plan_keeps_loss_and_gradients(mode, seq_chunk, loss_chunk):
+@pytest.mark.parametrize("attention", ["reference", "naive"])
+def test_memory_plan_keeps_loss_and_gradients(mode, seq_chunk, loss_chunk, attention):
+    # "reference" runs our Triton kernels here (TRITON_INTERPRET=1): selective/offload start the
+    # attention backward from the kept output; "naive" has no such backward and recomputes its forward.
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=97, seq_len=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, mlp="swiglu",
-                    attention="reference")
+                    attention=attention, dropout=0.0 if seq_chunk else 0.1)   # tiles draw other masks
     model = GPT(cfg)
     targets = torch.randint(0, 97, (2, 40))
     targets[0, :3] = -100
@@ -97,6 +101,6 @@ def test_memory_plan_keeps_less_for_backward():
     batch = dict(input_ids=torch.randint(0, 500, (1, 128)), targets=torch.randint(0, 500, (1, 128)))
     plain, logits = _saved_bytes(GPT(cfg), batch)
     assert logits is not None
-    for mode in ("block", "offload"):
+    for mode in ("block", "selective", "offload"):
         planned, logits = _saved_bytes(apply_memory_plan(GPT(cfg), mode, 32, 32), batch)
         assert logits is None and planned < plain / 4, (mode, planned, plain)

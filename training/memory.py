@@ -1,62 +1,129 @@
 """The memory plan, applied to a plain GPT from outside (torchtitan's apply_* style).
 
-- Activation checkpointing of every block: ``none`` keeps all activations; ``block`` keeps only each
-  block's input and recomputes the block in backward; ``offload`` does the same but parks the kept
-  inputs in pinned CPU memory until backward needs them (at 1M tokens a GPT-2 residual stream is
-  3 GiB per layer in fp32).
-- Sequence tiling: norms, projections and MLP in tiles of ``seq_chunk`` tokens (Block._tiled_forward)
-  and the cross-entropy in tiles of ``loss_chunk`` tokens (model/loss.py), so no full-length
-  intermediate wider than d_model (and no N x vocab logits) exists at once.
+Activation checkpointing of every block (``activation_checkpointing``):
+
+- ``none`` keeps every activation autograd wants.
+- ``block`` keeps only each block's input and recomputes the whole block, attention included, in
+  backward (torch.utils.checkpoint).
+- ``selective`` keeps each block's input *and its attention output* (with the softmax LSE) and
+  recomputes only the token-wise work (norms, projections, MLP) in backward: the attention forward,
+  the one O(N^2) part, never runs twice. With our kernels the backward starts from the kept output;
+  other attention backends recompute their forward in backward, as ``block`` does.
+- ``offload`` is ``selective`` with the kept tensors parked in pinned CPU memory until backward
+  brings them back tile by tile: the GPU holds one block's working set at a time. At 1M tokens a
+  GPT-2 124M layer parks 3 GiB of fp32 input and 1.5 GiB of bf16 attention output.
+
+Sequence tiling: norms, projections and MLP in tiles of ``seq_chunk`` tokens (Block.project_tile /
+finish_tile) and the cross-entropy in tiles of ``loss_chunk`` tokens (model/loss.py), so no
+full-length intermediate wider than d_model (and no N x vocab logits) exists at once.
 """
 import functools
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-CHECKPOINT_MODES = ("none", "block", "offload")
+CHECKPOINT_MODES = ("none", "block", "selective", "offload")
 
 
-class _OffloadedBlock(torch.autograd.Function):
-    """Runs a block without saving anything but its input, which goes to pinned CPU memory; backward
-    brings it back, recomputes the block with grad enabled and backpropagates through it."""
+def _tilewise(fn, tiles, T):
+    """Runs fn(t) for each tile t (a slice of dim 1) and writes its output(s) into full-length tensors
+    allocated at the first tile: never a list of tiles and their concatenation at once."""
+    outs = None
+    for t in tiles:
+        res = fn(t)
+        res = res if isinstance(res, tuple) else (res,)
+        if outs is None:
+            outs = tuple(r.new_empty((r.shape[0], T, *r.shape[2:])) for r in res)
+        for o, r in zip(outs, res):
+            o[:, t] = r
+    return outs if len(outs) > 1 else outs[0]
+
+
+class _KeptAttentionBlock(torch.autograd.Function):
+    """One block that saves only its input x and its attention output (y, lse), on the GPU or in
+    pinned CPU memory. Backward, tile by tile: the block's second half (output projection + MLP) is
+    recomputed and backpropagated to get dy and part of dx; attention's backward runs from the kept
+    y; the first half (norm + qkv projection) is recomputed and backpropagated for the rest of dx.
+    Parameter gradients accumulate into .grad during that inner backward (as reentrant checkpointing
+    does); the parameters are inputs only so that the output requires grad even if x does not."""
 
     @staticmethod
-    def forward(ctx, x, run, *extra):
-        ctx.run, ctx.extra, ctx.device = run, extra, x.device
-        ctx.x_cpu = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
-        ctx.x_cpu.copy_(x, non_blocking=True)
-        ctx.rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
+    def forward(ctx, x, block, rope, cu_seqlens, offload, *params):
+        tiles = block.tiles(x.shape[1])
+        rope = tuple(rope or ())
+        ctx.block, ctx.rope, ctx.cu_seqlens, ctx.tiles, ctx.device = block, rope, cu_seqlens, tiles, x.device
+        ctx.amp = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         with torch.no_grad():
-            return run(x, *extra)
+            q, k, v = _tilewise(lambda t: block.project_tile(x[:, t], *(r[:, t] for r in rope)), tiles, x.shape[1])
+            y, lse = block.attn.attend_keep(q, k, v, cu_seqlens)
+            del q, k, v
+            # the dropout masks of the second half are replayed in backward from this state
+            ctx.rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else torch.get_rng_state()
+            out = _tilewise(lambda t: block.finish_tile(x[:, t], y[:, t]), tiles, x.shape[1])
+        kept = (x, y) if lse is None else (x, y, lse)
+        if offload:
+            kept = tuple(_to_pinned(t) for t in kept)
+        ctx.kept = kept if offload else None
+        if not offload:
+            ctx.save_for_backward(*kept)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x = ctx.x_cpu.to(ctx.device, non_blocking=True).requires_grad_()
-        # same dropout masks as the forward pass
-        with torch.random.fork_rng(devices=[ctx.device] if x.is_cuda else []):
-            if x.is_cuda:
-                torch.cuda.set_rng_state(ctx.rng, ctx.device)
+        block, rope, cu_seqlens, tiles, device = ctx.block, ctx.rope, ctx.cu_seqlens, ctx.tiles, ctx.device
+        kept = ctx.kept if ctx.kept is not None else ctx.saved_tensors
+        x_kept, y = kept[0], kept[1].to(device, non_blocking=True)
+        lse = kept[2].to(device, non_blocking=True) if len(kept) > 2 else None
+        ctx.kept = None
+
+        def x_tile(t):   # the input, one tile at a time: a parked x never comes back whole
+            return x_kept[:, t].to(device, non_blocking=True).detach().requires_grad_()
+
+        def run(fn, *args):
+            with torch.enable_grad(), torch.autocast(device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
+                return fn(*args)
+
+        # 1. second half: dy, and dx through the residual and MLP paths (same dropout masks)
+        dy, dx = torch.empty_like(y), None
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(ctx.rng, device)
             else:
                 torch.set_rng_state(ctx.rng)
-            with torch.enable_grad():
-                out = ctx.run(x, *ctx.extra)
-        torch.autograd.backward(out, grad_out)
-        return (x.grad, None) + (None,) * len(ctx.extra)
+            for t in tiles:
+                x_t, y_t = x_tile(t), y[:, t].detach().requires_grad_()
+                torch.autograd.backward(run(block.finish_tile, x_t, y_t), grad_out[:, t])
+                dy[:, t] = y_t.grad
+                if dx is None:
+                    dx = x_t.grad.new_empty(grad_out.shape)
+                dx[:, t] = x_t.grad
+        # 2. attention, from the kept output (q, k, v recomputed without a graph)
+        with torch.no_grad(), torch.autocast(device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
+            q, k, v = _tilewise(lambda t: block.project_tile(x_tile(t), *(r[:, t] for r in rope)), tiles,
+                                grad_out.shape[1])
+        dq, dk, dv = block.attn.attend_backward(dy, q, k, v, y, lse, cu_seqlens)
+        del q, k, v, y, dy, lse
+        # 3. first half: the rest of dx
+        for t in tiles:
+            x_t = x_tile(t)
+            torch.autograd.backward(run(block.project_tile, x_t, *(r[:, t] for r in rope)),
+                                    (dq[:, t], dk[:, t], dv[:, t]))
+            dx[:, t] += x_t.grad
+        return (dx, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
-def _checkpointed(forward, offload, x, rope=None, cu_seqlens=None, cache=None):
+def _to_pinned(t):
+    cpu = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+    cpu.copy_(t, non_blocking=True)
+    return cpu
+
+
+def _checkpointed(forward, mode, block, x, rope=None, cu_seqlens=None, cache=None):
     if cache is not None or not torch.is_grad_enabled():   # generation / evaluation: nothing to save
         return forward(x, rope, cu_seqlens, cache)
-    if offload:
-        # autocast state is captured by the closure's caller: recompute under the same autocast
-        amp = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type)
-
-        def run(x, rope, cu_seqlens):
-            with torch.autocast(x.device.type, dtype=dtype, enabled=amp):
-                return forward(x, rope, cu_seqlens)
-        return _OffloadedBlock.apply(x, run, rope, cu_seqlens)
-    return checkpoint(forward, x, rope, cu_seqlens, use_reentrant=False)
+    if mode == "block":
+        return checkpoint(forward, x, rope, cu_seqlens, use_reentrant=False)
+    return _KeptAttentionBlock.apply(x, block, rope, cu_seqlens, mode == "offload", *block.parameters())
 
 
 def apply_memory_plan(model, activation_checkpointing: str = "none", seq_chunk: int = 0, loss_chunk: int = 0):
@@ -72,6 +139,6 @@ def apply_memory_plan(model, activation_checkpointing: str = "none", seq_chunk: 
         if activation_checkpointing == "none":
             block.__dict__.pop("forward", None)
         else:
-            block.forward = functools.partial(_checkpointed, forward, activation_checkpointing == "offload")
+            block.forward = functools.partial(_checkpointed, forward, activation_checkpointing, block)
     model.loss_chunk = loss_chunk
     return model
