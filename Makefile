@@ -48,9 +48,10 @@ sample: $(STAMP) ## text from a checkpoint: make sample [CKPT=path] [ARGS='--pro
 	$(PY) sample.py $(CKPT) $(ARGS)
 
 # `make experiment NAME=e3_context [SMOKE=1]`: a long-context experiment end to end (scripts/experiment.py):
-# its training runs, their evaluation, and reports/<NAME>/report.md with plots. SMOKE=1 runs the
-# CPU-sized variant (configs/experiment/<NAME>_smoke.yaml); `key=value` words override every run's config.
-experiment: $(STAMP) ## long-context experiment + report: NAME=e2_passkey|e3_context|e4_extend [SMOKE=1]
+# its training runs (E1: the context sweep instead), their evaluation, and reports/<NAME>/report.md with
+# plots. SMOKE=1 runs the CPU-sized variant (configs/experiment/<NAME>_smoke.yaml); `key=value` words
+# override every run's config.
+experiment: $(STAMP) ## long-context experiment + report: NAME=e1_scaling|e2_passkey|e3_context|e4_extend [SMOKE=1]
 	$(PY) scripts/experiment.py $(NAME) $(if $(filter 1 true yes,$(SMOKE)),--smoke) $(ARGS) $(OVERRIDES)
 
 .PHONY: help venv test test-gpu bench bench-context train sample experiment

@@ -1,84 +1,239 @@
-"""Context sweep: how long a sequence each attention backend / memory plan can train on one GPU.
+"""Context sweep: how long a sequence each attention backend / memory plan can train on one device.
 
     make bench-context                                 # GPT-2 124M, every configuration below
     make bench-context ARGS="--configs flash+plan --start 262144 --max 1048576"
+    make bench-context ARGS="--model tiny --configs flash naive --start 64 --max 512 --device cpu --wandb none"
 
 For each configuration, context lengths double from --start until the first out-of-memory (a
-result, recorded, not a crash) or --max. Each point runs full training steps (forward, backward,
-AdamW) on batch 1 of random tokens under bf16 autocast and records the step time, tokens/s, MFU
-and a measured memory breakdown: parameters, AdamW state (+ gradients), what the forward pass
-keeps for backward, and the peak. Writes context.json / context.csv / context_{memory,speed}.png
-to --out.
+result, recorded, not a crash: the sweep goes on with the next configuration), --max, or a step
+slower than --max-step-seconds. Each point runs full training steps (forward, backward, AdamW) on
+batch 1 of random tokens (bf16 autocast on CUDA, fp32 on CPU) and records the step time, tokens/s,
+MFU (where the device's peak FLOP/s is known) and memory: parameters (+ RoPE table), AdamW state,
+what the forward pass keeps for backward, and the peak (CUDA only). Writes context.json /
+context.csv / context_{memory,speed}.png to --out. Each configuration is a wandb run, the sweep's
+runs one group (context-<model>-<time>), with a metrics.jsonl in --out/<config>/.
+scripts/experiment.py e1_scaling runs this sweep and writes it up as a report.
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
 import statistics
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GPT, GPTConfig  # noqa: E402
-from training.device import peak_flops  # noqa: E402
+from training.device import autocast, peak_flops, resolve_device  # noqa: E402
+from training.logger import RunLogger  # noqa: E402
 from training.memory import apply_memory_plan  # noqa: E402
 
 GIB = 2**30
-# name -> (model.attention, model.sdpa_backend, memory plan (activation_checkpointing, seq_chunk, loss_chunk))
+PLAN = ("offload", 65536, 16384)  # apply_memory_plan's (activation_checkpointing, seq_chunk, loss_chunk)
+NO_PLAN = ("none", 0, 0)
+# name -> (model.attention, model.sdpa_backend, memory plan)
 CONFIGS = {
-    "flash+plan": ("flash", "efficient", ("offload", 65536, 16384)),
-    "flash": ("flash", "efficient", ("none", 0, 0)),
-    "sdpa_cudnn+plan": ("sdpa", "cudnn", ("offload", 65536, 16384)),
-    "sdpa_cudnn": ("sdpa", "cudnn", ("none", 0, 0)),
-    "sdpa_flash": ("sdpa", "flash", ("none", 0, 0)),
-    "naive": ("naive", "efficient", ("none", 0, 0)),
+    "flash+plan": ("flash", "efficient", PLAN),
+    "flash": ("flash", "efficient", NO_PLAN),
+    "sdpa_cudnn+plan": ("sdpa", "cudnn", PLAN),
+    "sdpa_cudnn": ("sdpa", "cudnn", NO_PLAN),
+    "sdpa_flash+plan": ("sdpa", "flash", PLAN),
+    "sdpa_flash": ("sdpa", "flash", NO_PLAN),
+    "naive": ("naive", "efficient", NO_PLAN),
 }
-MODELS = {  # GPT-2 sizes with the GPT-2 vocabulary (padded to 50304) and RoPE instead of a position table
-    "gpt2_small": dict(n_layer=12, n_head=12, d_model=768),
-    "gpt2_medium": dict(n_layer=24, n_head=16, d_model=1024),
+# GPTConfig fields besides seq_len; RoPE instead of a position table. vocab 50304 = GPT-2's, padded.
+MODELS = {
+    "tiny": dict(vocab_size=512, n_layer=2, n_head=2, d_model=64),  # CPU smoke runs
+    "gpt2_small": dict(vocab_size=50304, n_layer=12, n_head=12, d_model=768),
+    "gpt2_medium": dict(vocab_size=50304, n_layer=24, n_head=16, d_model=1024),
+    "llama_1b": dict(vocab_size=50304, n_layer=16, n_head=32, n_kv_head=8, d_model=2048, mlp="swiglu", d_ff=8192,
+                     norm="rmsnorm", rope_theta=500000.0, tie_embeddings=False, bias=False),  # configs/model/llama_1b
 }
+WANDB_PROJECT = "longctx"  # as configs/logger/wandb.yaml
+WANDB_KEYS = ("seq_len", "peak_gib", "tokens_per_s", "step_s", "mfu", "status")  # logged per point
+# markdown_table's columns: row key -> header
+COLUMNS = {"config": "config", "seq_len": "context", "step_s": "step s", "tokens_per_s": "tokens/s", "mfu": "MFU",
+           "peak_gib": "peak GiB", "saved_for_backward_gib": "kept for backward GiB",
+           "model_gib": "params + RoPE GiB", "optimizer_state_gib": "AdamW state GiB", "status": "status"}
 
 
-def run_point(name, model_name, seq_len, steps):
+def backend(name: str, device: torch.device) -> tuple[str, str, tuple]:
+    """A configuration's (attention, sdpa_backend, plan) on this device. Our kernels are "flash" on
+    CUDA and "reference" on CPU (their CPU path: the Triton interpreter under TRITON_INTERPRET=1,
+    otherwise the blockwise PyTorch reference); this is the one place the sweep maps it."""
     attention, sdpa_backend, plan = CONFIGS[name]
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    cfg = GPTConfig(vocab_size=50304, seq_len=seq_len, attention=attention, sdpa_backend=sdpa_backend,
-                    doc_masking=False, **MODELS[model_name])
-    model = apply_memory_plan(GPT(cfg).cuda(), *plan)
-    mem_params = torch.cuda.memory_allocated()
-    opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), "cuda")
-    x = torch.randint(0, 50304, (1, seq_len), device="cuda")
-    y = torch.randint(0, 50304, (1, seq_len), device="cuda")
-    times, rec = [], {}
+    if attention == "flash" and device.type != "cuda":
+        attention = "reference"
+    return attention, sdpa_backend, plan
+
+
+class SavedForBackward(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes of the distinct storages autograd saves for backward inside this context, parameters
+    excluded (they exist anyway). The CPU's measure of what the forward keeps; tensors the memory plan's
+    `offload` parks outside autograd (in host memory, which on a CPU is the same memory) are not seen."""
+
+    def __init__(self, params):
+        skip = {p.untyped_storage().data_ptr() for p in params}
+        self.storages = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in skip:
+                self.storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device) -> dict:
+    """`steps` training steps at seq_len; raises torch.OutOfMemoryError when it does not fit."""
+    attention, sdpa_backend, plan = backend(name, device)
+    cuda = device.type == "cuda"
+    cfg = GPTConfig(seq_len=seq_len, attention=attention, sdpa_backend=sdpa_backend, doc_masking=False,
+                    **MODELS[model_name])
+    model = apply_memory_plan(GPT(cfg).to(device), *plan)
+    opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device.type)
+    x = torch.randint(0, cfg.vocab_size, (1, seq_len), device=device)
+    y = torch.randint(0, cfg.vocab_size, (1, seq_len), device=device)
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    times = []
     for i in range(steps):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        # on the CPU, where allocated memory cannot be read, hooks count what autograd saves (in the
+        # first step only: they cost a Python call per saved tensor)
+        saved = SavedForBackward(model.parameters()) if i == 0 and not cuda else contextlib.nullcontext()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast("auto", device), saved:
             _, loss = model(x, targets=y)
-        torch.cuda.synchronize()
-        kept = torch.cuda.memory_allocated() - before
+        sync()
+        if i == 0:
+            kept = torch.cuda.memory_allocated() - before if cuda else saved.nbytes
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
-        if i == 0:   # the first step allocates AdamW's state: measure the steady state after it
-            rec = dict(saved_for_backward_gib=kept / GIB)
-    step_s = statistics.median(times[1:] if len(times) > 1 else times)
+    step_s = statistics.median(times[1:] or times)  # the first step (allocations, autotuning) is not timed
     tok_s = seq_len / step_s
-    peak = torch.cuda.max_memory_allocated()
-    flops = model.flops_per_token(seq_len) * tok_s
-    dev_peak = peak_flops(torch.device("cuda"))
-    del model, opt, x, y, loss
-    return dict(rec, model_gib=mem_params / GIB,   # parameters + RoPE cos/sin table
-                optimizer_state_gib=(before - mem_params) / GIB if steps > 1 else None,   # AdamW + grads
-                peak_gib=peak / GIB, step_s=step_s, tokens_per_s=tok_s, mfu=flops / dev_peak if dev_peak else None)
+    dev_peak = peak_flops(device)
+    rope = [t for t in (model.rope.cos, model.rope.sin) if t is not None] if model.rope else []
+    return dict(saved_for_backward_gib=kept / GIB,
+                model_gib=sum(t.nbytes for t in [*model.parameters(), *rope]) / GIB,
+                optimizer_state_gib=sum(t.nbytes for s in opt.state.values() for t in s.values()
+                                        if torch.is_tensor(t)) / GIB,
+                peak_gib=torch.cuda.max_memory_allocated() / GIB if cuda else None,
+                step_s=step_s, tokens_per_s=tok_s,
+                mfu=model.flops_per_token(seq_len) * tok_s / dev_peak if dev_peak else None)
+
+
+def point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device) -> dict:
+    """One row: run_point's measurements and status "ok", or only the status ("OOM", "error: ...")."""
+    row = dict(config=name, seq_len=seq_len, status="ok")
+    try:
+        row |= run_point(name, model_name, seq_len, steps, device)
+    except torch.OutOfMemoryError:
+        row["status"] = "OOM"
+    except Exception as e:  # noqa: BLE001 - a backend refusing a length is a result too
+        row["status"] = f"error: {type(e).__name__}: {str(e)[:120]}"
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # after the except blocks, which hold the failed point's tensors
+    return row
+
+
+def sweep(configs: list[str], model_name: str, start: int, max_len: int, steps: int, long_steps: int,
+          long_from: int, max_step_seconds: float, device: torch.device, out: Path, wandb: str = "none",
+          project: str = WANDB_PROJECT, log=lambda row: None, max_by_config: dict | None = None) -> list[dict]:
+    """For each configuration, double the context from `start` until the first point that is not ok,
+    `max_len` (or max_by_config[config], a lower cap for slow baselines), or a step slower than
+    `max_step_seconds`; `long_steps` steps per point from `long_from`
+    tokens on, else `steps`. Returns the rows in order, each also passed to `log`. Each configuration
+    logs to out/<config>/metrics.jsonl and to a wandb run (mode `wandb`, as logger.mode: best effort)."""
+    # Tensors of GiBs that change size with every point fragment the caching allocator's fixed
+    # segments; growable segments keep the peak close to what is allocated. Read at the first CUDA
+    # allocation, so this only applies if nothing was allocated before (set it yourself otherwise).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    group = f"context-{model_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    rows = []
+    for name in configs:
+        attention, sdpa_backend, (checkpointing, seq_chunk, loss_chunk) = backend(name, device)
+        logger = RunLogger(OmegaConf.create(dict(mode=wandb, project=project, group=group, name=name, dir=str(out))),
+                           out / name, dict(config=name, model=model_name, **MODELS[model_name], attention=attention,
+                                            sdpa_backend=sdpa_backend, activation_checkpointing=checkpointing,
+                                            seq_chunk=seq_chunk, loss_chunk=loss_chunk, device=str(device)))
+        n, longest, status = start, None, "no point"
+        while n <= min(max_len, (max_by_config or {}).get(name, max_len)):
+            r = point(name, model_name, n, long_steps if n >= long_from else steps, device)
+            rows.append(r)
+            log(r)
+            # the context is the step: wandb plots each metric against it
+            logger.log({k: r[k] for k in WANDB_KEYS if r.get(k) is not None}, step=n)
+            status = r["status"]
+            if status != "ok":
+                break
+            longest = n
+            if r["step_s"] > max_step_seconds:
+                break
+            n *= 2
+        logger.finish({"status": "finished", "longest_context": longest, "last_status": status})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a markdown table of COLUMNS; "-" where a value is missing or not measured."""
+    def cell(key, v):
+        if v is None:
+            return "-"
+        if key == "tokens_per_s":
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if isinstance(v, float) else str(v).replace("|", "\\|")
+    return "\n".join(["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS),
+                      *["| " + " | ".join(cell(k, r.get(k)) for k in COLUMNS) + " |" for r in rows]])
+
+
+def plot(rows: list[dict], env: dict, out: Path) -> list[tuple[str, str]]:
+    """context_memory.png and context_speed.png in out, one line per configuration, x at the context
+    that ran out of memory; returns their (file name, description). Memory is the peak where measured
+    (CUDA), otherwise what the forward keeps for backward."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    memory = ("peak_gib", "peak GPU memory (GiB)") if any(r.get("peak_gib") is not None for r in rows) \
+        else ("saved_for_backward_gib", "kept for backward (GiB)")
+    files = []
+    for (key, label), fname in ((memory, "context_memory.png"),
+                                (("tokens_per_s", "training tokens/s"), "context_speed.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in dict.fromkeys(r["config"] for r in rows):
+            pts = [(r["seq_len"], r[key]) for r in rows if r["config"] == name and r["status"] == "ok"]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+            oom = [r["seq_len"] for r in rows if r["config"] == name and r["status"] == "OOM"]
+            if oom and pts:
+                ax.scatter(oom, [pts[-1][1]], marker="x", color="red")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens, batch 1)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{env['model']} on {env['device']} (x = out of memory)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append((fname, f"{label} vs context"))
+    return files
 
 
 def main():
@@ -91,72 +246,29 @@ def main():
     ap.add_argument("--long-steps", type=int, default=1, help="steps per point from --long-from tokens on")
     ap.add_argument("--long-from", type=int, default=262144)
     ap.add_argument("--max-step-seconds", type=float, default=400.0, help="stop doubling past this step time")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
+    ap.add_argument("--wandb", default="auto", choices=("auto", "online", "offline", "none"),
+                    help="auto: online when logged in, otherwise offline (runs under --out/wandb)")
     ap.add_argument("--out", default=os.environ.get("OUT", "context-out"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_context.py needs a CUDA GPU")
+    device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model}
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+           "torch": torch.__version__, "model": args.model}
     print(json.dumps(env), flush=True)
-    rows = []
-    for name in args.configs:
-        n = args.start
-        while n <= args.max:
-            steps = args.long_steps if n >= args.long_from else args.steps
-            try:
-                r = dict(config=name, seq_len=n, status="ok", **run_point(name, args.model, n, steps))
-            except torch.OutOfMemoryError:
-                r = dict(config=name, seq_len=n, status="OOM")
-            except Exception as e:  # noqa: BLE001 - a backend refusing a length is a result too
-                r = dict(config=name, seq_len=n, status=f"error: {type(e).__name__}: {str(e)[:120]}")
-            torch.cuda.empty_cache()
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-            if r["status"] != "ok" or r["step_s"] > args.max_step_seconds:
-                break
-            n *= 2
+    rows = sweep(args.configs, args.model, args.start, args.max, args.steps, args.long_steps, args.long_from,
+                 args.max_step_seconds, device, out, wandb=args.wandb, log=lambda r: print(json.dumps(r), flush=True))
     (out / "context.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "context.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    print(f"\n{env['gpu']}, {args.model}, batch 1, bf16 autocast, full step incl. AdamW")
-    print("| config | context | step s | tokens/s | MFU | peak GiB | kept for bwd GiB | model GiB | AdamW+grads GiB |")
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"| {r['config']} | {r['seq_len']} | {r['status']} | | | | | | |")
-            continue
-        mfu = f"{r['mfu']:.2f}" if r["mfu"] else "-"
-        opt = f"{r['optimizer_state_gib']:.2f}" if r["optimizer_state_gib"] is not None else "-"
-        print(f"| {r['config']} | {r['seq_len']} | {r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | {mfu} | "
-              f"{r['peak_gib']:.2f} | {r['saved_for_backward_gib']:.2f} | {r['model_gib']:.2f} | {opt} |")
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(f"\n{env['device']}, {args.model}, batch 1, {precision}, full step incl. AdamW")
+    print(markdown_table(rows))
     plot(rows, env, out)
-
-
-def plot(rows, env, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    for key, label, fname in (("peak_gib", "peak GPU memory (GiB)", "context_memory.png"),
-                              ("tokens_per_s", "training tokens/s", "context_speed.png")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name in dict.fromkeys(r["config"] for r in rows):
-            pts = [(r["seq_len"], r[key]) for r in rows if r["config"] == name and r["status"] == "ok"]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-            oom = [r["seq_len"] for r in rows if r["config"] == name and r["status"] == "OOM"]
-            if oom and pts:
-                ax.scatter(oom, [pts[-1][1]], marker="x", color="red")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens, batch 1)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{env['model']} on {env['gpu']} (x = out of memory)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
 
 
 if __name__ == "__main__":

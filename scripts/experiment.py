@@ -1,6 +1,7 @@
 """Long-context experiments, one command each: train the runs with train.py's train(), evaluate their
 checkpoints, write reports/<name>/report.md (tables, the commands, the environment) with PNG plots.
 
+    python scripts/experiment.py e1_scaling          # peak memory and tokens/s vs context per backend / plan (GPU)
     python scripts/experiment.py e2_passkey          # passkey accuracy, context x depth heatmaps (GPU)
     python scripts/experiment.py e3_context          # perplexity and loss by position vs context (GPU)
     python scripts/experiment.py e4_extend           # 4K -> 32K by RoPE scaling, with/without fine-tune (GPU)
@@ -11,6 +12,7 @@ Each experiment is configs/experiment/<name>.yaml: the runs' settings as usual, 
 block read only here (contexts, evaluation grid, ...). Other words are Hydra overrides applied to
 every run. Training metrics go where train() puts them (metrics.jsonl, wandb) under
 outputs/experiments/<name>/<date_time>/<run>/; evaluation results go to the report and results.json.
+E1 trains no runs: it is scripts/bench_context.py's sweep, its points logged the same way.
 """
 import argparse
 import functools
@@ -42,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from data import build_data  # noqa: E402
 from data.tasks import IGNORE_INDEX, PasskeyTask, passkey_accuracy  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from scripts import bench_context  # noqa: E402
 from train import train  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.device import autocast, resolve_device, to_device  # noqa: E402
@@ -64,17 +67,21 @@ class Experiment:
         self.runner = self.cfg.runner
         self.device = resolve_device(self.cfg.train.device)
         self.amp = functools.partial(autocast, self.cfg.train.precision, self.device)
-        # Built once before any run, so the first run's wall-clock is training, not tokenizer training.
-        # Every run shares this data config (only seq_len, batch size and passkey mix differ), hence
-        # this tokenizer and val split; the val loader never mixes in passkey samples.
-        try:
-            self.data = build_data(self.cfg.data, self.cfg.cache_dir)
-        except ValueError as e:
-            raise config_error(e) from None
         self.runs: list[dict] = []     # one row per training run, for the report
         self.sections: list[str] = []  # the report's results, in order
         self.results: dict = {"experiment": name, "command": command}  # results.json
         self.report_dir.mkdir(parents=True, exist_ok=True)
+
+    @functools.cached_property
+    def data(self):
+        """Built once, at first use: before the first run (see train()), so that run's wall-clock is
+        training, not tokenizer training; never for an experiment without runs (E1). Every run shares
+        this data config (only seq_len, batch size and passkey mix differ), hence this tokenizer and
+        val split; the val loader never mixes in passkey samples."""
+        try:
+            return build_data(self.cfg.data, self.cfg.cache_dir)
+        except ValueError as e:
+            raise config_error(e) from None
 
     def compose(self, *run_overrides: str):
         """The experiment's config, then the user's overrides, then this run's (which win)."""
@@ -96,6 +103,7 @@ class Experiment:
         """train() one run into <out_root>/<label>; its summary plus what the report's run table shows."""
         overrides = (path_override("out_dir", self.out_root / label), f"logger.name={label}", *overrides)
         cfg = self.compose(*overrides)
+        self.data  # noqa: B018 - prepared before the clock starts
         start = time.perf_counter()
         summary = train(cfg)
         seconds = time.perf_counter() - start
@@ -165,26 +173,27 @@ class Experiment:
         self.sections.append(f"![{alt}]({filename})")
 
     def write_report(self, title: str, summary: str) -> Path:
-        runs = table(["run", "context", "batch", "steps", "tokens", "wall-clock (s)", "tokens/s (median)",
-                      "final loss", "val ppl (own context)"],
-                     [[r["run"], r["seq_len"], r["batch_size"], r["steps"], r["tokens"], r["wall_clock_s"],
-                       r["tokens_per_s"], r["loss"], r["val_ppl"]] for r in self.runs])
-        train_commands = "\n".join(shlex.join(["python", "train.py", f"experiment={self.name}", *self.overrides,
-                                               *r["overrides"]]) for r in self.runs)
+        """report.md and results.json; the training-run sections only for an experiment that has runs."""
         env = environment(self.device)
-        lines = [
-            f"# {title}: `{self.name}`", "", summary, "", "## Results", "", *[s + "\n" for s in self.sections],
-            "## Training runs", "", runs, "",
-            "Wall-clock is the whole train() call (evaluations and checkpoints included; data prepared "
-            "before the first run). Outputs (metrics.jsonl, checkpoints, wandb) under "
-            f"`{self.out_root}`.", "",
-            "## Reproduce", "", "```bash", self.command, "```", "",
-            "Config overrides given on the command line (applied to every run): "
-            + (", ".join(f"`{o}`" for o in self.overrides) or "none") + ". "
-            f"Each training run is `train.py` with `configs/experiment/{self.name}.yaml` and these overrides:",
-            "", "```bash", train_commands, "```", "",
-            "## Environment", "", *[f"- {k}: {v}" for k, v in env.items()], "",
-        ]
+        lines = [f"# {title}: `{self.name}`", "", summary, "", "## Results", "", *[s + "\n" for s in self.sections]]
+        if self.runs:
+            runs = table(["run", "context", "batch", "steps", "tokens", "wall-clock (s)", "tokens/s (median)",
+                          "final loss", "val ppl (own context)"],
+                         [[r["run"], r["seq_len"], r["batch_size"], r["steps"], r["tokens"], r["wall_clock_s"],
+                           r["tokens_per_s"], r["loss"], r["val_ppl"]] for r in self.runs])
+            lines += ["## Training runs", "", runs, "",
+                      "Wall-clock is the whole train() call (evaluations and checkpoints included; data prepared "
+                      "before the first run). Outputs (metrics.jsonl, checkpoints, wandb) under "
+                      f"`{self.out_root}`.", ""]
+        lines += ["## Reproduce", "", "```bash", self.command, "```", ""]
+        if self.runs:
+            train_commands = "\n".join(shlex.join(["python", "train.py", f"experiment={self.name}",
+                                                   *self.overrides, *r["overrides"]]) for r in self.runs)
+            lines += ["Config overrides given on the command line (applied to every run): "
+                      + (", ".join(f"`{o}`" for o in self.overrides) or "none") + ". "
+                      f"Each training run is `train.py` with `configs/experiment/{self.name}.yaml` and these "
+                      "overrides:", "", "```bash", train_commands, "```", ""]
+        lines += ["## Environment", "", *[f"- {k}: {v}" for k, v in env.items()], ""]
         path = self.report_dir / "report.md"
         path.write_text("\n".join(lines))
         self.results |= {"runs": self.runs, "environment": env}
@@ -193,6 +202,73 @@ class Experiment:
 
 
 # --- the experiments -------------------------------------------------------------------------------------
+
+def e1_scaling(x: Experiment) -> Path:
+    """scripts/bench_context.py's sweep (no train.py runs): per attention backend and memory plan, full
+    training steps at contexts doubling until out of memory; peak memory and tokens/s vs context."""
+    r = x.runner
+    configs = list(r.configs)
+    for key, names, known in (("runner.model", [r.model], bench_context.MODELS),
+                              ("runner.configs", configs, bench_context.CONFIGS)):
+        if unknown := [n for n in names if n not in known]:
+            raise ConfigError(key, f"unknown {', '.join(map(repr, unknown))}", f"choose from {', '.join(known)}")
+    if not 0 < r.start <= r.max:
+        raise ConfigError("runner.start", f"{r.start} is not in 1..runner.max ({r.max})", "start at a shorter context")
+    rows = bench_context.sweep(configs, r.model, r.start, r.max, r.steps, r.long_steps, r.long_from,
+                               r.max_step_seconds, x.device, x.out_root, wandb=x.cfg.logger.mode,
+                               project=x.cfg.logger.project, log=lambda row: print(json.dumps(row), flush=True),
+                               max_by_config=dict(r.get("max_by_config") or {}))
+
+    cuda = x.device.type == "cuda"
+
+    def overview(name: str) -> list:
+        """The configuration in words, its longest context that trained, and what stopped the doubling."""
+        attention, sdpa_backend, (checkpointing, seq_chunk, loss_chunk) = bench_context.backend(name, x.device)
+        plan = "none" if checkpointing == "none" else f"{checkpointing}, seq_chunk {seq_chunk}, loss_chunk {loss_chunk}"
+        mine = [row for row in rows if row["config"] == name]
+        ok = [row for row in mine if row["status"] == "ok"]
+        stop = (mine[-1]["status"] if mine[-1]["status"] != "ok" else
+                f"step > {r.max_step_seconds} s" if mine[-1]["step_s"] > r.max_step_seconds else
+                "runner.max_by_config" if name in (r.get("max_by_config") or {}) else "runner.max")
+        return [name, f"sdpa ({sdpa_backend})" if attention == "sdpa" else attention, plan,
+                human(ok[-1]["seq_len"]) if ok else "none", f"{ok[-1]['tokens_per_s']:,.0f}" if ok else None, stop]
+
+    x.sections.append("Longest context that trained, per configuration:\n\n" + table(
+        ["config", "attention", "memory plan", "longest context", "tokens/s there", "stopped by"],
+        [overview(name) for name in configs]))
+    x.sections.append("Every point (out of memory and errors are results too):\n\n"
+                      + bench_context.markdown_table(rows))
+    x.sections.append(
+        "Step s: median of the timed steps (the first is not timed unless it is the only one). MFU: model "
+        "FLOPs (`GPT.flops_per_token`) over the device's dense bf16 peak, where known. "
+        + ("Peak GiB: `torch.cuda.max_memory_allocated` in a step. Kept for backward: GPU memory allocated "
+           "by the forward pass (what it keeps for backward, plus what it returns: the loss and, without "
+           "loss_chunk, the logits)." if cuda else
+           "Peak GiB: not measured on a CPU. Kept for backward: the distinct tensors autograd saves "
+           "(`saved_tensors_hooks`), parameters excluded; the plan's `offload` parks its tensors outside "
+           "autograd, so they are not counted.")
+        + " Params + RoPE: parameters and the RoPE cos/sin table; AdamW state: its moments after a step.")
+    for filename, alt in bench_context.plot(rows, {"model": r.model, "device": environment(x.device)["device"]},
+                                            x.report_dir):
+        x.sections.append(f"![{alt}]({filename})")
+    x.sections.append(f"Per-configuration metrics.jsonl and wandb runs (one group per sweep) under `{x.out_root}`.")
+    x.results |= {"model": r.model, "model_config": bench_context.MODELS[r.model],
+                  "configs": {name: dict(zip(("attention", "sdpa_backend", "memory_plan"),
+                                             bench_context.backend(name, x.device))) for name in configs},
+                  "rows": rows}
+    shape = bench_context.MODELS[r.model]
+    return x.write_report(
+        "E1 memory and throughput vs context",
+        f"Full training steps (forward, backward, AdamW) of `{r.model}` ({shape['n_layer']} layers, d_model "
+        f"{shape['d_model']}, vocab {shape['vocab_size']}) on batch 1 of random tokens, "
+        f"{'bf16 autocast' if cuda else 'fp32'}, per attention backend with the memory plan on (`+plan`: "
+        f"activation checkpointing `{bench_context.PLAN[0]}`, seq_chunk {bench_context.PLAN[1]}, loss_chunk "
+        f"{bench_context.PLAN[2]}) and off. The context doubles from {human(r.start)} to at most {human(r.max)} "
+        f"until the first out-of-memory (a result: OOM), or a step slower than {r.max_step_seconds} s; "
+        f"{r.steps} step(s) per point" + (f", {r.long_steps} from {human(r.long_from)} on." if r.long_from <= r.max
+                                          else ".")
+        + ("" if cuda else " On a CPU our kernels run as `attention=reference` (their CPU path)."))
+
 
 def e2_passkey(x: Experiment) -> Path:
     """Train at each context; score every model on the whole length x depth grid."""
@@ -327,7 +403,7 @@ def e4_extend(x: Experiment) -> Path:
                           f"val windows: {r.eval_windows}.")
 
 
-EXPERIMENTS = {"e2_passkey": e2_passkey, "e3_context": e3_context, "e4_extend": e4_extend}
+EXPERIMENTS = {"e1_scaling": e1_scaling, "e2_passkey": e2_passkey, "e3_context": e3_context, "e4_extend": e4_extend}
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

@@ -52,6 +52,33 @@ def run_smoke(name: str, tmp_path: Path, cache_dir: Path, *overrides: str) -> tu
 
 
 @pytest.mark.slow
+def test_e1_scaling_smoke(tmp_path):
+    """E1 trains no runs (so no run_smoke): the context sweep of scripts/bench_context.py on CPU, its report."""
+    code = experiment.main(["e1_scaling", "--smoke", "--reports", str(tmp_path / "reports"),
+                            "--outputs", str(tmp_path / "outputs")])
+    assert code == 0
+    report_dir = tmp_path / "reports" / "e1_scaling_smoke"
+    report = (report_dir / "report.md").read_text()
+    assert "\n|---|" in report and "| config | context | step s | tokens/s |" in report  # the sweep's table
+    assert "## Reproduce" in report and "python scripts/experiment.py e1_scaling --smoke" in report
+    assert f"torch: {torch.__version__}" in report and "- device: " in report
+    for png in ("context_memory.png", "context_speed.png"):                # linked from the report, real PNGs
+        assert f"]({png})" in report
+        assert (report_dir / png).read_bytes()[:8] == PNG_MAGIC and (report_dir / png).stat().st_size > 1000
+    results = json.loads((report_dir / "results.json").read_text())
+    configs = ["flash+plan", "flash", "naive"]
+    assert results["configs"]["flash"]["attention"] == "reference"        # our kernels' CPU path
+    rows = results["rows"]
+    assert [(r["config"], r["seq_len"]) for r in rows] == [(c, n) for c in configs for n in (64, 128, 256)]
+    for r in rows:
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["step_s"] > 0, r
+        assert r["peak_gib"] is None and r["mfu"] is None and r["saved_for_backward_gib"] > 0  # CPU: no peak
+    # the memory plan keeps less for backward than the same kernels without it, at the longest context
+    kept = {r["config"]: r["saved_for_backward_gib"] for r in rows if r["seq_len"] == 256}
+    assert kept["flash+plan"] < kept["flash"]
+
+
+@pytest.mark.slow
 def test_e2_passkey_smoke(tmp_path, cache_dir):
     report_dir, results = run_smoke("e2_passkey", tmp_path, cache_dir)
     contexts = [run["seq_len"] for run in results["runs"]]
@@ -112,6 +139,39 @@ def test_config_error_is_one_line(tmp_path, cache_dir, capsys, override, key):
                             f"cache_dir={cache_dir}", override])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("config error: ") and key in err[-1]
+
+
+def test_e1_runner_overrides(tmp_path, capsys):
+    """The sweep's parameters are Hydra overrides of `runner`; a name the sweep does not know is a config error."""
+    x = experiment.Experiment("e1_scaling", ["runner.max=262144", "runner.configs=[flash+plan,naive]"],
+                              tmp_path, tmp_path, "command")
+    assert x.runner.max == 262144 and list(x.runner.configs) == ["flash+plan", "naive"]
+    code = experiment.main(["e1_scaling_smoke", "--reports", str(tmp_path), "--outputs", str(tmp_path),
+                            "runner.configs=[flash,nope]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("config error: runner.configs: unknown 'nope'")
+
+
+def test_context_sweep_records_oom_and_goes_on(tmp_path, monkeypatch):
+    """Out of memory ends one configuration's doubling as a result; the sweep goes on with the next."""
+    bench = experiment.bench_context
+    real = bench.run_point
+
+    def run_point(name, model_name, seq_len, steps, device):
+        if name == "naive" and seq_len > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(name, model_name, seq_len, steps, device)
+
+    monkeypatch.setattr(bench, "run_point", run_point)
+    logged = []
+    rows = bench.sweep(["naive", "sdpa_flash"], "tiny", 64, 256, 1, 1, 1024, 60.0, torch.device("cpu"), tmp_path,
+                       log=logged.append)
+    assert logged == rows
+    assert [(r["config"], r["seq_len"], r["status"]) for r in rows] == [
+        ("naive", 64, "ok"), ("naive", 128, "OOM"), ("sdpa_flash", 64, "ok"), ("sdpa_flash", 128, "ok"),
+        ("sdpa_flash", 256, "ok")]
+    assert "| naive | 128 | - | - |" in bench.markdown_table(rows) and "| OOM |" in bench.markdown_table(rows)
+    assert (tmp_path / "naive" / "metrics.jsonl").read_text().count("\n") == 2  # every point, OOM too
 
 
 def test_make_experiment_passes_name_smoke_and_overrides():
