@@ -33,6 +33,7 @@ from model import GPT, GPTConfig  # noqa: E402
 from training.device import autocast, peak_flops, resolve_device  # noqa: E402
 from training.logger import RunLogger  # noqa: E402
 from training.memory import apply_memory_plan  # noqa: E402
+from training.memory_breakdown import Breakdown, PeakBreakdown  # noqa: E402
 
 GIB = 2**30
 PLAN = ("offload", 65536, 16384)  # apply_memory_plan's (activation_checkpointing, seq_chunk, loss_chunk)
@@ -139,11 +140,22 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
                 mfu=model.flops_per_token(seq_len) * tok_s / dev_peak if dev_peak else None)
 
 
-def point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device) -> dict:
-    """One row: run_point's measurements and status "ok", or only the status ("OOM", "error: ...")."""
+def point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device, breakdown: bool = False) -> dict:
+    """One row: run_point's measurements and status "ok", or only the status ("OOM", "error: ...").
+    breakdown (CUDA): also what held the memory at the peak (training/memory_breakdown.py), from
+    before the model is built, so parameters and AdamW state are attributed too; after an
+    out-of-memory error, what filled the device."""
     row = dict(config=name, seq_len=seq_len, status="ok")
+    recorder = PeakBreakdown() if breakdown and device.type == "cuda" else contextlib.nullcontext()
     try:
-        row |= run_point(name, model_name, seq_len, steps, device)
+        try:
+            with recorder:
+                row |= run_point(name, model_name, seq_len, steps, device)
+        finally:
+            if getattr(recorder, "result", None) is not None:
+                b = recorder.result
+                row["peak_breakdown"] = dict(peak_gib=b.peak_bytes / GIB, by_origin_gib={
+                    k: v / GIB for k, v in sorted(b.by_origin.items(), key=lambda kv: -kv[1])})
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:  # noqa: BLE001 - a backend refusing a length is a result too
@@ -155,10 +167,11 @@ def point(name: str, model_name: str, seq_len: int, steps: int, device: torch.de
 
 def sweep(configs: list[str], model_name: str, start: int, max_len: int, steps: int, long_steps: int,
           long_from: int, max_step_seconds: float, device: torch.device, out: Path, wandb: str = "none",
-          project: str = WANDB_PROJECT, log=lambda row: None, max_by_config: dict | None = None) -> list[dict]:
+          project: str = WANDB_PROJECT, log=lambda row: None, max_by_config: dict | None = None,
+          breakdown_at: tuple[int, ...] = ()) -> list[dict]:
     """For each configuration, double the context from `start` until the first point that is not ok,
     `max_len` (or max_by_config[config], a lower cap for slow baselines), or a step slower than
-    `max_step_seconds`; `long_steps` steps per point from `long_from`
+    `max_step_seconds`; at the contexts in `breakdown_at` also what holds the memory at the peak; `long_steps` steps per point from `long_from`
     tokens on, else `steps`. Returns the rows in order, each also passed to `log`. Each configuration
     logs to out/<config>/metrics.jsonl and to a wandb run (mode `wandb`, as logger.mode: best effort)."""
     # Tensors of GiBs that change size with every point fragment the caching allocator's fixed
@@ -175,7 +188,7 @@ def sweep(configs: list[str], model_name: str, start: int, max_len: int, steps: 
                                             seq_chunk=seq_chunk, loss_chunk=loss_chunk, device=str(device)))
         n, longest, status = start, None, "no point"
         while n <= min(max_len, (max_by_config or {}).get(name, max_len)):
-            r = point(name, model_name, n, long_steps if n >= long_from else steps, device)
+            r = point(name, model_name, n, long_steps if n >= long_from else steps, device, n in breakdown_at)
             rows.append(r)
             log(r)
             # the context is the step: wandb plots each metric against it
@@ -189,6 +202,12 @@ def sweep(configs: list[str], model_name: str, start: int, max_len: int, steps: 
             n *= 2
         logger.finish({"status": "finished", "longest_context": longest, "last_status": status})
     return rows
+
+
+def breakdown_table(row: dict) -> str:
+    """A row's peak_breakdown as a markdown table (largest allocation sites first)."""
+    b = row["peak_breakdown"]
+    return Breakdown(int(b["peak_gib"] * GIB), {k: int(v * GIB) for k, v in b["by_origin_gib"].items()}).table()
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -246,6 +265,8 @@ def main():
     ap.add_argument("--long-steps", type=int, default=1, help="steps per point from --long-from tokens on")
     ap.add_argument("--long-from", type=int, default=262144)
     ap.add_argument("--max-step-seconds", type=float, default=400.0, help="stop doubling past this step time")
+    ap.add_argument("--breakdown-at", type=int, nargs="*", default=[],
+                    help="contexts at which to record what holds the memory at the peak (CUDA)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
     ap.add_argument("--wandb", default="auto", choices=("auto", "online", "offline", "none"),
                     help="auto: online when logged in, otherwise offline (runs under --out/wandb)")
@@ -258,16 +279,20 @@ def main():
            "torch": torch.__version__, "model": args.model}
     print(json.dumps(env), flush=True)
     rows = sweep(args.configs, args.model, args.start, args.max, args.steps, args.long_steps, args.long_from,
-                 args.max_step_seconds, device, out, wandb=args.wandb, log=lambda r: print(json.dumps(r), flush=True))
+                 args.max_step_seconds, device, out, wandb=args.wandb, log=lambda r: print(json.dumps(r), flush=True),
+                 breakdown_at=tuple(args.breakdown_at))
     (out / "context.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "peak_breakdown"))   # nested: JSON only
     with open(out / "context.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"\n{env['device']}, {args.model}, batch 1, {precision}, full step incl. AdamW")
     print(markdown_table(rows))
+    for r in rows:
+        if "peak_breakdown" in r:
+            print(f"\nWhat holds the memory at the peak, {r['config']} at {r['seq_len']} tokens:\n{breakdown_table(r)}")
     plot(rows, env, out)
 
 

@@ -217,7 +217,8 @@ def e1_scaling(x: Experiment) -> Path:
     rows = bench_context.sweep(configs, r.model, r.start, r.max, r.steps, r.long_steps, r.long_from,
                                r.max_step_seconds, x.device, x.out_root, wandb=x.cfg.logger.mode,
                                project=x.cfg.logger.project, log=lambda row: print(json.dumps(row), flush=True),
-                               max_by_config=dict(r.get("max_by_config") or {}))
+                               max_by_config=dict(r.get("max_by_config") or {}),
+                               breakdown_at=tuple(r.get("breakdown_at") or ()))
 
     cuda = x.device.type == "cuda"
 
@@ -248,6 +249,13 @@ def e1_scaling(x: Experiment) -> Path:
            "(`saved_tensors_hooks`), parameters excluded; the plan's `offload` parks its tensors outside "
            "autograd, so they are not counted.")
         + " Params + RoPE: parameters and the RoPE cos/sin table; AdamW state: its moments after a step.")
+    for row in rows:
+        if "peak_breakdown" in row:
+            x.sections.append(
+                f"What holds the memory at the peak, `{row['config']}` at {human(row['seq_len'])} tokens "
+                f"({row['status']}): live allocations at the highest point of the allocator's trace, by the "
+                "innermost frame of this repository that allocated them (`training/memory_breakdown.py`):\n\n"
+                + bench_context.breakdown_table(row))
     for filename, alt in bench_context.plot(rows, {"model": r.model, "device": environment(x.device)["device"]},
                                             x.report_dir):
         x.sections.append(f"![{alt}]({filename})")

@@ -104,3 +104,48 @@ def test_memory_plan_keeps_less_for_backward():
     for mode in ("block", "selective", "offload"):
         planned, logits = _saved_bytes(apply_memory_plan(GPT(cfg), mode, 32, 32), batch)
         assert logits is None and planned < plain / 4, (mode, planned, plain)
+
+
+def test_peak_breakdown_replays_the_trace_to_its_peak():
+    from training.memory_breakdown import NO_FRAME, ROOT, origin, peak_breakdown
+
+    def frame(path, name):
+        return {"filename": str(path), "name": name, "line": 1}
+    gpt = [frame("/usr/lib/python3/site-packages/torch/nn/modules/linear.py", "forward"),
+           frame(ROOT / "model/gpt.py", "finish_tile"), frame(ROOT / "training/memory.py", "backward")]
+    adam = [frame("/x/site-packages/torch/optim/adamw.py", "_init_group"), frame(ROOT / "train.py", "train")]
+    adam[1]["filename"] = "/elsewhere/train.py"           # a caller outside the repo: torch.optim names it
+    trace = [
+        {"action": "free_requested", "addr": 99, "size": 5},  # allocated before recording: ignored
+        {"action": "alloc", "addr": 1, "size": 100, "frames": adam},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": gpt},
+        {"action": "alloc", "addr": 3, "size": 30, "frames": []},
+        {"action": "free_requested", "addr": 2, "size": 50},
+        {"action": "free_completed", "addr": 2, "size": 50},
+        {"action": "alloc", "addr": 4, "size": 60, "frames": gpt},   # the peak: 100 + 30 + 60
+        {"action": "free_requested", "addr": 4, "size": 60},
+        {"action": "alloc", "addr": 5, "size": 10, "frames": gpt},
+    ]
+    b = peak_breakdown(trace)
+    assert b.peak_bytes == 190
+    assert b.by_origin == {"torch.optim (optimizer state)": 100, NO_FRAME: 30, "model/gpt.py:finish_tile": 60}
+    assert origin(gpt) == "model/gpt.py:finish_tile"     # the innermost frame of the repository
+    table = b.table(top=2)
+    assert "| 1 other sites | 0.00 |" in table and "**total**" in table
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_peak_breakdown_on_cuda_attributes_a_model_step():
+    from training.memory_breakdown import PeakBreakdown
+
+    cfg = GPTConfig(vocab_size=512, seq_len=1024, n_layer=2, n_head=4, d_model=128, attention="flash")
+    with PeakBreakdown() as pb:
+        model = apply_memory_plan(GPT(cfg).cuda(), "offload", 256, 256)
+        x = torch.randint(0, 512, (1, 1024), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, targets=x)
+        loss.backward()
+    b = pb.result
+    assert b.peak_bytes >= sum(p.nbytes for p in model.parameters())
+    assert any(k.startswith("training/memory.py") or k.startswith("kernels/") for k in b.by_origin), b.by_origin
