@@ -42,8 +42,10 @@ def _tilewise(fn, tiles, T):
 class _KeptAttentionBlock(torch.autograd.Function):
     """One block that saves only its input x and its attention output (y, lse), on the GPU or in
     pinned CPU memory. Backward, tile by tile: the block's second half (output projection + MLP) is
-    recomputed and backpropagated to get dy and part of dx; attention's backward runs from the kept
-    y; the first half (norm + qkv projection) is recomputed and backpropagated for the rest of dx.
+    recomputed and backpropagated to get dy and part of dx, and q, k, v recomputed without a graph
+    from the same input tile; attention's backward runs from the kept y; the first half (norm + qkv
+    projection) is recomputed and backpropagated for the rest of dx. A parked input crosses PCIe
+    twice in backward, one tile at a time.
     Parameter gradients accumulate into .grad during that inner backward (as reentrant checkpointing
     does); the parameters are inputs only so that the output requires grad even if x does not."""
 
@@ -79,12 +81,13 @@ class _KeptAttentionBlock(torch.autograd.Function):
         def x_tile(t):   # the input, one tile at a time: a parked x never comes back whole
             return x_kept[:, t].to(device, non_blocking=True).detach().requires_grad_()
 
-        def run(fn, *args):
-            with torch.enable_grad(), torch.autocast(device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
+        def run(fn, *args, grad=True):   # recompute under the forward's autocast
+            with torch.set_grad_enabled(grad), torch.autocast(device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
                 return fn(*args)
 
-        # 1. second half: dy, and dx through the residual and MLP paths (same dropout masks)
-        dy, dx = torch.empty_like(y), None
+        # 1. second half: dy, and dx through the residual and MLP paths (same dropout masks); with each
+        # input tile on the GPU anyway, also q, k, v for attention's backward (no graph)
+        dy, dx, qkv = torch.empty_like(y), None, None
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if device.type == "cuda":
                 torch.cuda.set_rng_state(ctx.rng, device)
@@ -97,10 +100,14 @@ class _KeptAttentionBlock(torch.autograd.Function):
                 if dx is None:
                     dx = x_t.grad.new_empty(grad_out.shape)
                 dx[:, t] = x_t.grad
-        # 2. attention, from the kept output (q, k, v recomputed without a graph)
-        with torch.no_grad(), torch.autocast(device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
-            q, k, v = _tilewise(lambda t: block.project_tile(x_tile(t), *(r[:, t] for r in rope)), tiles,
-                                grad_out.shape[1])
+                qkv_t = run(block.project_tile, x_t.detach(), *(r[:, t] for r in rope), grad=False)
+                if qkv is None:
+                    qkv = tuple(a.new_empty((a.shape[0], grad_out.shape[1], *a.shape[2:])) for a in qkv_t)
+                for full, part in zip(qkv, qkv_t):
+                    full[:, t] = part
+        # 2. attention, from the kept output
+        q, k, v = qkv
+        del qkv, qkv_t
         dq, dk, dv = block.attn.attend_backward(dy, q, k, v, y, lse, cu_seqlens)
         del q, k, v, y, dy, lse
         # 3. first half: the rest of dx
