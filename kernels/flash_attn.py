@@ -20,13 +20,14 @@ from .validate import check_cu_seqlens, check_options, check_qkv
 @torch.library.custom_op("longctx::flash_attn_fwd", mutates_args=())
 def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-                  max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # deterministic only travels to the backward (see _setup_context)
     return attn_fwd(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 @_flash_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if cu_seqlens_q is None:   # lse (B, H, Nq); varlen: (H, total_q)
         return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
@@ -37,23 +38,24 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, le
 def _flash_bwd_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                   cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-                  max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
+                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q, cu_seqlens_k,
-                    max_seqlen_q, max_seqlen_k)
+                    max_seqlen_q, max_seqlen_k, deterministic)
 
 
 @_flash_bwd_op.register_fake
-def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+      deterministic):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
     """Saves (q, k, v, out, lse) only: backward recomputes P tile by tile."""
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right)
+    ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic)
 
 
 def _backward(ctx, dout, dlse):
@@ -61,7 +63,7 @@ def _backward(ctx, dout, dlse):
     if dout is None:   # only the LSE was used
         dout = torch.zeros_like(out)
     dq, dk, dv = _flash_bwd_op(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _flash_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -71,7 +73,8 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and INTERPRET)
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False):
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False,
+                    deterministic=True):
     """Exact attention without materializing the N x N scores; differentiable in q, k and v.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim) with
@@ -81,19 +84,23 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     of its diagonal, -1 meaning unbounded. Returns out (batch, seqlen_q, nheads, headdim) in q's dtype;
     with ``return_lse=True`` returns (out, lse), lse (batch, nheads, seqlen_q) float32 natural log,
     -inf (and out 0) for rows that see no key. The LSE is differentiable too.
+    ``deterministic=False`` computes dQ inside the dK/dV pass with fp32 atomics (five matrix products
+    per tile instead of seven, bit-for-bit results may vary between runs); flash-attn's default is
+    False, ours True. The CPU reference path ignores it.
     """
     check_qkv(q, k, v, varlen=False)
     scale = check_options(q.shape[-1], softmax_scale, window_size)
     left, right = normalize_window(causal, window_size)
     if _use_triton(q):
-        out, lse = _flash_fwd_op(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right)
+        out, lse = _flash_fwd_op(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, deterministic)
     else:
         out, lse = blockwise_attention(q, k, v, scale, left, right)
     return (out, lse) if return_lse else out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False):
+                           softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False,
+                           deterministic=True):
     """Attention over packed variable-length sequences; documents never attend across boundaries.
 
     q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); cu_seqlens_q / cu_seqlens_k:
@@ -107,14 +114,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     left, right = normalize_window(causal, window_size)
     if _use_triton(q):
         out, lse = _flash_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 scale, left, right)
+                                 scale, left, right, deterministic)
     else:
         out, lse = blockwise_attention(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k)
     return (out, lse) if return_lse else out
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, window_size=(-1, -1),
-                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                        deterministic=True):
     """Gradients (dq, dk, dv) of ``flash_attn_func`` / ``flash_attn_varlen_func`` (same arguments) from
     the ``out`` and ``lse`` a forward call returned, without running the forward again.
 
@@ -138,4 +146,4 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=Fals
                              f"got {tuple(t.shape)} {t.dtype}")
     left, right = normalize_window(causal, window_size)
     return _flash_bwd_op(dout, None, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         scale, left, right)
+                         scale, left, right, deterministic)

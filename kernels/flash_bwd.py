@@ -1,6 +1,6 @@
 """FlashAttention backward in Triton: recompute P from Q, K and the saved LSE; nothing N x N is stored.
 
-Three launches:
+Three launches (two with ``deterministic=False``):
 - ``_attn_bwd_preprocess``: delta = rowsum(dO * O) (minus dLSE when the LSE itself gets a gradient,
   since d lse_i / d s_ij = p_ij).
 - ``_attn_bwd_dkdv``: one program per key block of one KV head; it walks every query head of its
@@ -8,7 +8,9 @@ Three launches:
   with no atomics.
 - ``_attn_bwd_dq``: one program per query block; walks the key blocks like the forward.
 Seven matrix products per tile pair instead of five with an atomic fp32 dQ: deterministic, and each
-pass is tuned on its own.
+pass is tuned on its own. ``FUSED_DQ`` is the five-product variant (FlashAttention-2's): the dK/dV
+pass also computes each tile pair's dS K and adds it into an fp32 dQ with relaxed atomics, and the
+dQ pass is skipped; the order of those additions varies run to run.
 """
 import triton
 import triton.language as tl
@@ -47,12 +49,12 @@ def _attn_bwd_preprocess(Out, DOut, DLse, Delta, num_rows,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                         stride_qm, stride_dom, offs_n, offs_d, start, end,
-                         seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                         stride_qm, stride_dom, stride_dqm, offs_n, offs_d, start, end,
+                         seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                          BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
     offs_r = tl.arange(0, BLOCK_M)
     d_mask = offs_d[None, :] < HEAD_DIM
     q_ptrs = q_base + start.to(tl.int64) * stride_qm + offs_r[:, None] * stride_qm + offs_d[None, :]
@@ -86,13 +88,17 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         dpT = _dot(v, tl.trans(do), None, PRECISION)       # (BLOCK_N, BLOCK_M)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, PRECISION)
+        if FUSED_DQ:   # this key block's share of dQ, added into the fp32 accumulator
+            dq = _dot(tl.trans(dsT.to(k.dtype)), k, None, PRECISION) * sm_scale      # (BLOCK_M, HEAD_DIM_PAD)
+            tl.atomic_add(dq_base + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :], dq,
+                          mask=(offs_m[:, None] < seqlen_q) & d_mask, sem="relaxed")
         q_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DOut, LSE, Delta, DK, DV, CuSeqlensQ, CuSeqlensK,
+def _attn_bwd_dkdv(Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeqlensQ, CuSeqlensK,
                    sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_n_blocks,
                    stride_qb, stride_qm, stride_qh,
                    stride_kb, stride_kn, stride_kh,
@@ -100,12 +106,13 @@ def _attn_bwd_dkdv(Q, K, V, DOut, LSE, Delta, DK, DV, CuSeqlensQ, CuSeqlensK,
                    stride_dob, stride_dom, stride_doh,
                    stride_dkb, stride_dkn, stride_dkh,
                    stride_dvb, stride_dvn, stride_dvh,
+                   stride_dqb, stride_dqm, stride_dqh,
                    stride_lb, stride_lh,
                    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HEAD_DIM_PAD >= 16)
     pid = tl.program_id(0)
     pid_bh = pid // num_n_blocks
@@ -139,22 +146,23 @@ def _attn_bwd_dkdv(Q, K, V, DOut, LSE, Delta, DK, DV, CuSeqlensQ, CuSeqlensK,
         do_base = DOut + b64 * stride_dob + h * stride_doh + q_row0 * stride_dom
         lse_base = LSE + b64 * stride_lb + h * stride_lh + q_row0
         delta_base = Delta + b64 * stride_lb + h * stride_lh + q_row0
+        dq_base = DQAcc + b64 * stride_dqb + h * stride_dqh + q_row0 * stride_dqm
         if HAS_RIGHT:  # query rows entering at the diagonal / right window edge: masked
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                          stride_qm, stride_dom, offs_n, offs_d, lo, mid_lo,
-                                          seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                          stride_qm, stride_dom, stride_dqm, offs_n, offs_d, lo, mid_lo,
+                                          seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                                           BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                          PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                      stride_qm, stride_dom, offs_n, offs_d, mid_lo, mid_hi,
-                                      seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+                                          PRECISION, FUSED_DQ)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                      stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_lo, mid_hi,
+                                      seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                                       BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
-                                      PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                      stride_qm, stride_dom, offs_n, offs_d, mid_hi, hi,
-                                      seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+                                      PRECISION, FUSED_DQ)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                      stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_hi, hi,
+                                      seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                                       BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                      PRECISION)
+                                      PRECISION, FUSED_DQ)
     dk_base = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkn
     dv_base = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvn
     tl.store(dk_base + offs_c[:, None] * stride_dkn + offs_d[None, :],

@@ -49,6 +49,8 @@ def make_providers(causal, n, flex_ok):
 
     providers = {
         "ours": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal)),
+        # five-product backward with an atomic fp32 dQ (its forward is ours)
+        "ours_atomic": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=False)),
         "sdpa_flash": ("bhnd", sdpa(SDPBackend.FLASH_ATTENTION)),
         "sdpa_cudnn": ("bhnd", sdpa(SDPBackend.CUDNN_ATTENTION)),
         "standard": ("bhnd", lambda q, k, v: standard_attention(q, k, v, causal)),
@@ -128,21 +130,25 @@ SWEEP = {
     "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
            (64, 32, 4, 3), (128, 64, 4, 3), (64, 128, 8, 2)],
 }
+# the atomic-dQ dK/dV pass (deterministic=False) holds a dQ tile as well: the dK/dV candidates
+SWEEP["dkdv_fused"] = SWEEP["dkdv"]
 
 
 def sweep(D, causal, N, log):
     """Best launch parameters for each pass at one point: fwd timed alone; dkdv / dq by fwd+bwd with
-    the other backward pass at its current setting."""
+    the other backward pass at its current setting; dkdv_fused by fwd+bwd with deterministic=False."""
     H, B = MODEL_DIM // D, max(1, TOKENS // N)
     best = {}
-    for pass_name in ("fwd", "dkdv", "dq"):
+    for pass_name in ("fwd", "dkdv", "dq", "dkdv_fused"):
         mode = "fwd" if pass_name == "fwd" else "fwd_bwd"
+        deterministic = pass_name != "dkdv_fused"
         results = []
         for c in SWEEP[pass_name]:
             cfg = KernelConfig(*c)
             try:
                 with override_configs(**{pass_name: cfg}, **best):
-                    ms, _ = bench_one(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
+                    ms, _ = bench_one(lambda q, k, v: flash_attn_func(q, k, v, causal=causal,
+                                                                      deterministic=deterministic),
                                       "bnhd", B, N, H, D, causal, mode)
             except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
                 log(f"  sweep {pass_name} D{D} {'causal' if causal else 'full'} {c}: {type(e).__name__}")
@@ -164,7 +170,8 @@ def main():
     ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
     ap.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
-    ap.add_argument("--providers", nargs="+", default=["ours", "sdpa_flash", "sdpa_cudnn", "flex", "standard"])
+    ap.add_argument("--providers", nargs="+",
+                    default=["ours", "ours_atomic", "sdpa_flash", "sdpa_cudnn", "flex", "standard"])
     ap.add_argument("--flex-seqlens", type=int, nargs="+", default=[4096, 16384],
                     help="FlexAttention compiles per shape: only these lengths (all: --flex-seqlens 0)")
     ap.add_argument("--sweep", action="store_true", help="search launch parameters per pass first")
@@ -191,7 +198,7 @@ def main():
             log(f"correctness D{D} {'causal' if causal else 'full'} (rel. error vs fp32 math): {check_correct(D, causal)}")
             configs = sweep(D, causal, args.sweep_seqlen, log) if args.sweep else {}
             used = {p: configs.get(p) or get_config(p, D, torch.bfloat16, torch.device("cuda"), causal)
-                    for p in ("fwd", "dkdv", "dq")}
+                    for p in ("fwd", "dkdv", "dq", "dkdv_fused")}
             log(f"launch parameters D{D} {'causal' if causal else 'full'}: {used}")
             for N in args.seqlens:
                 B, H = max(1, TOKENS // N), MODEL_DIM // D

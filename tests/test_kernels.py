@@ -68,10 +68,12 @@ def make_qkv(B, Nq, Nk, H, Hk, D, dtype, device, scale=1.0):
     return q, k, v
 
 
-def check_batch(B, Nq, Nk, H, Hk, D, dtype, device, causal=False, window=(-1, -1), dlse=False, scale=1.0):
+def check_batch(B, Nq, Nk, H, Hk, D, dtype, device, causal=False, window=(-1, -1), dlse=False, scale=1.0,
+                deterministic=True):
     inputs = make_qkv(B, Nq, Nk, H, Hk, D, dtype, device, scale)
     check_against_oracle(
-        lambda q, k, v: flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True),
+        lambda q, k, v: flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True,
+                                        deterministic=deterministic),
         lambda q, k, v: attention_ref(q, k, v, causal=causal, window_size=window), inputs, dlse)
 
 
@@ -94,6 +96,26 @@ def _id(s):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 def test_forward_backward(shape, causal, dtype, device):
     check_batch(*shape, dtype, device, causal=causal)
+
+
+@pytest.mark.parametrize("shape,causal,window", [
+    ((2, 97, 97, 4, 2, 80), True, (-1, -1)),     # GQA, padded head dim
+    ((1, 64, 129, 2, 1, 128), False, (-1, -1)),  # Nq < Nk, MQA
+    ((1, 129, 64, 3, 3, 40), True, (-1, -1)),    # Nq > Nk: rows that see no key
+    ((1, 90, 90, 2, 2, 64), True, (13, -1)),     # sliding window
+], ids=["gqa-causal", "mqa-full", "nq-gt-nk", "window"])
+def test_atomic_dq_backward(shape, causal, window, device):
+    # deterministic=False: dQ summed with fp32 atomics inside the dK/dV pass; same accuracy bar
+    check_batch(*shape, torch.bfloat16, device, causal=causal, window=window, dlse=True, deterministic=False)
+
+
+def test_atomic_dq_backward_varlen(device):
+    cu = torch.tensor([0, 5, 5, 46, 70], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(74, 4, 32, dtype=torch.float16, device=device) for _ in range(3))   # 4 rows after the last doc
+    check_against_oracle(
+        lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 41, 41, causal=True, return_lse=True,
+                                               deterministic=False),
+        lambda q, k, v: attention_ref(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), [q, k, v])
 
 
 @pytest.mark.parametrize("D", [8, 16, 96, 256])
