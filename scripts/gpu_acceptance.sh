@@ -11,8 +11,9 @@ steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=(tests bench train)
 for s in "${steps[@]}"; do
   case $s in
     tests)
-      # pytest-xdist, where installed, spreads the many kernel compilations over the CPU cores
-      xdist=$($PY -c 'import xdist' 2>/dev/null && echo "-n 8")
+      # XDIST=8 spreads the kernel compilations over 8 processes (pytest-xdist); off by default: a
+      # machine hung once during such a run
+      xdist=${XDIST:+-n $XDIST}
       $PY -m pytest -q $xdist -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
     bench)
       $PY scripts/bench_attention.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | grep -v '^{"D"' | tail -45 ;;
