@@ -145,8 +145,9 @@ class DataBundle:
         return self.tokenizer.get_vocab_size()
 
     def loader(self, split: str, batch_size: int, seq_len: int, seed: int, doc_masking: bool = True) -> BatchLoader:
-        """BatchLoader over `split` ("train" or "val"). The train loader mixes in passkey samples at
-        rate `data.passkey_mix`; the val loader never does, so val loss stays plain language modelling."""
+        """BatchLoader over `split` ("train" or "val"). In the train loader a fraction `data.passkey_mix`
+        of the batches are passkey samples; the val loader has none, so val loss stays plain language
+        modelling."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         mix = self.config.passkey_mix if split == "train" else 0.0

@@ -30,12 +30,17 @@ class BatchLoader:
                                     is [cu_seqlens[i], cu_seqlens[i+1]) and its position_ids are 0, 1, ...
     Without doc_masking, rows are single segments (position_ids = 0..T-1) and no target is ignored.
 
-    Passkey mix-in: with `passkey` given, each row is independently replaced with probability
-    `passkey_mix` by a passkey-retrieval sample of length T + 1 (random key and depth), a single
-    segment whose targets are -100 except on the answer tokens: the loss then rewards retrieval only,
-    not memorising the repetitive filler.
+    Passkey mix-in: with `passkey` given, each batch is independently, with probability `passkey_mix`,
+    a batch of passkey-retrieval samples of length T + 1 (random key and depth per row) instead of
+    corpus windows: single-segment rows whose targets are -100 except on the answer tokens, so the loss
+    rewards retrieval only, not memorising the repetitive filler. Whole batches, not rows: the loss is
+    a mean over a batch's targets, and a passkey row has only its ~3 answer targets against a corpus
+    row's T, so a passkey row mixed into a corpus batch would carry ~3 / T of a corpus row's weight
+    (at T = 1K and half the rows, 0.3% of the loss; 0.02% at 16K). Per batch, `passkey_mix` is the
+    fraction of optimizer steps, hence of the training loss, spent on retrieval at every T.
 
-    Per step the cost is B memmap slices plus vectorised numpy over B*T: no Python loop over tokens.
+    Per step the cost is B memmap slices plus vectorised numpy over B*T: no Python loop over tokens
+    (a passkey batch: B prompts concatenated from ids the task encoded once).
     """
 
     def __init__(self, packed: PackedTokens, batch_size: int, seq_len: int, seed: int, doc_masking: bool = True,
@@ -79,6 +84,8 @@ class BatchLoader:
         """The batch at `step` (what the step-th next() returns), without moving the iterator."""
         B, T = self.batch_size, self.seq_len
         rng = np.random.default_rng([self.seed, step])
+        if self.passkey_mix > 0 and rng.random() < self.passkey_mix:
+            return self._passkey_batch(rng)
         offsets = rng.integers(0, len(self.packed) - T, size=B)
         window = np.stack([self.packed.tokens[o:o + T + 1] for o in offsets]).astype(np.int64)  # (B, T+1)
         input_ids, targets = window[:, :-1], window[:, 1:].copy()  # the two overlap in `window`
@@ -92,14 +99,6 @@ class BatchLoader:
             targets[boundary] = IGNORE_INDEX
             starts[:, 1:] |= boundary[:, :-1]
 
-        if self.passkey_mix > 0:
-            for b in np.flatnonzero(rng.random(B) < self.passkey_mix):
-                sample = self.passkey.sample(T + 1, depth=rng.random(), rng=rng)
-                input_ids[b] = sample.input_ids[:-1]
-                targets[b] = IGNORE_INDEX
-                targets[b, sample.answer_positions - 1] = sample.input_ids[sample.answer_positions]
-                starts[b, 1:] = False
-
         t = np.arange(T)
         position_ids = t - np.maximum.accumulate(np.where(starts, t, 0), axis=1)
         cu_seqlens = np.append(np.flatnonzero(starts), B * T).astype(np.int32)
@@ -108,4 +107,21 @@ class BatchLoader:
             "targets": torch.from_numpy(np.ascontiguousarray(targets)),
             "position_ids": torch.from_numpy(position_ids),
             "cu_seqlens": torch.from_numpy(cu_seqlens),
+        }
+
+    def _passkey_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """B passkey samples of T + 1 tokens (random key and depth each): input_ids the first T, targets
+        -100 except the answer tokens (target t is token t + 1), one segment per row."""
+        B, T = self.batch_size, self.seq_len
+        input_ids = np.empty((B, T), dtype=np.int64)
+        targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        for b in range(B):
+            sample = self.passkey.sample(T + 1, depth=rng.random(), rng=rng)
+            input_ids[b] = sample.input_ids[:-1]
+            targets[b, sample.answer_positions - 1] = sample.input_ids[sample.answer_positions]
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "targets": torch.from_numpy(targets),
+            "position_ids": torch.arange(T).expand(B, T).clone(),
+            "cu_seqlens": torch.arange(0, B * T + 1, T, dtype=torch.int32),
         }

@@ -312,7 +312,9 @@ def e2_passkey(x: Experiment) -> Path:
     x.results |= {"lengths": lengths, "depths": depths, "accuracy": {str(k): v for k, v in grids.items()}}
     return x.write_report("E2 passkey retrieval vs training context",
                           f"The same model trained on the same number of tokens at contexts "
-                          f"{', '.join(map(human, contexts))} with `data.passkey_mix={x.cfg.data.passkey_mix}`, then "
+                          f"{', '.join(map(human, contexts))} with `data.passkey_mix={x.cfg.data.passkey_mix}` (that "
+                          "fraction of the training batches are passkey prompts, loss on the answer tokens only, "
+                          "so a run's final loss may be a passkey batch's), then "
                           "scored on every (length, depth) cell, past its training length too (RoPE).")
 
 

@@ -222,6 +222,27 @@ def test_passkey_mix_in(built):
     assert "pass key" not in bundle.tokenizer.decode(val["input_ids"][0].tolist())
 
 
+def test_passkey_mix_is_the_share_of_the_loss(built):
+    # The loss is a mean over a batch's targets: a passkey row (a few answer targets) inside a corpus
+    # batch (T targets a row) would weigh ~nothing (E2 at 1K with half the rows: 0.3% of the loss, and
+    # accuracy 0 everywhere). passkey_mix must be the fraction of the loss spent on retrieval.
+    bundle, _, _ = built
+    mixed = dataclasses.replace(bundle, config=dataclasses.replace(bundle.config, passkey_mix=0.5))
+    loader = mixed.loader("train", batch_size=4, seq_len=256, seed=0)
+    shares, mixed_batches = [], 0
+    for step in range(40):
+        batch = loader.batch(step)
+        labelled = batch["targets"] != -100
+        passkey_rows = labelled.sum(1) < 16  # only the answer tokens are labelled
+        shares.append((labelled[passkey_rows].sum() / labelled.sum()).item())
+        mixed_batches += bool(passkey_rows.any() and not passkey_rows.all())
+    assert 0.3 <= np.mean(shares) <= 0.7, f"passkey answers carry {np.mean(shares):.1%} of the loss"
+    assert mixed_batches == 0  # a batch is all passkey or all corpus
+    plain = dataclasses.replace(bundle, config=dataclasses.replace(bundle.config, passkey_mix=0.0))
+    assert all((plain.loader("train", 4, 256, seed=0).batch(s)["targets"] != -100).sum(1).min() > 16
+               for s in range(10))
+
+
 # --- local files ----------------------------------------------------------------------------------------
 
 def test_jsonl_source_builds(tmp_path):
