@@ -109,23 +109,34 @@ class PasskeyTask:
 
 
 @torch.no_grad()
-def passkey_accuracy(model_fn: ModelFn, tokenizer: Tokenizer, context_len: int, depths: Sequence[float],
-                     n_trials: int, seed: int) -> dict[float, float]:
-    """Teacher-forced passkey accuracy at one context length: {depth: fraction of the n_trials prompts
-    of `context_len` tokens whose answer tokens are all the argmax of the logits one position before}.
-    """
+def passkey_scores(model_fn: ModelFn, tokenizer: Tokenizer, context_len: int, depths: Sequence[float],
+                   n_trials: int, seed: int) -> dict[float, tuple[float, float]]:
+    """Teacher-forced passkey scores at one context length: {depth: (key accuracy, token accuracy)} over
+    n_trials prompts of `context_len` tokens. Key accuracy: the fraction of prompts whose answer tokens
+    are all the argmax of the logits one position before; token accuracy: the fraction of answer tokens
+    that are (the partial progress the all-or-nothing score hides)."""
     task = PasskeyTask(tokenizer)
     rng = np.random.default_rng(seed)
-    accuracy = {}
+    scores = {}
     for depth in depths:
-        correct = 0
+        keys = tokens = n_tokens = 0
         for _ in range(n_trials):
             sample = task.sample(context_len, depth, rng)
             logits = model_fn(torch.from_numpy(sample.input_ids)[None])
             predicted = logits[0, torch.from_numpy(sample.answer_positions - 1)].argmax(-1).cpu()
-            correct += bool(torch.equal(predicted, torch.from_numpy(sample.input_ids[sample.answer_positions])))
-        accuracy[depth] = correct / n_trials
-    return accuracy
+            hits = predicted == torch.from_numpy(sample.input_ids[sample.answer_positions])
+            keys += bool(hits.all())
+            tokens += int(hits.sum())
+            n_tokens += hits.numel()
+        scores[depth] = (keys / n_trials, tokens / max(n_tokens, 1))
+    return scores
+
+
+def passkey_accuracy(model_fn: ModelFn, tokenizer: Tokenizer, context_len: int, depths: Sequence[float],
+                     n_trials: int, seed: int) -> dict[float, float]:
+    """{depth: key accuracy} of passkey_scores."""
+    return {depth: key for depth, (key, _) in passkey_scores(model_fn, tokenizer, context_len, depths, n_trials,
+                                                             seed).items()}
 
 
 # --- multi-query associative recall (Zoology, Arora et al. 2023) ------------------------------------

@@ -42,7 +42,7 @@ from omegaconf import OmegaConf  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data import build_data  # noqa: E402
-from data.tasks import IGNORE_INDEX, PasskeyTask, passkey_accuracy  # noqa: E402
+from data.tasks import IGNORE_INDEX, PasskeyTask, passkey_scores  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from scripts import bench_context  # noqa: E402
 from train import train  # noqa: E402
@@ -130,11 +130,15 @@ class Experiment:
 
     def passkey(self, model: GPT, length: int, depths: list[float]) -> dict[float, float]:
         """Teacher-forced passkey accuracy at `length` by depth; the same prompts for every model."""
+        return {depth: key for depth, (key, _) in self.passkey_scores(model, length, depths).items()}
+
+    def passkey_scores(self, model: GPT, length: int, depths: list[float]) -> dict[float, tuple[float, float]]:
+        """{depth: (key accuracy, answer-token accuracy)} at `length`, data.tasks.passkey_scores."""
         def model_fn(input_ids):
             with self.amp():
                 return model(input_ids.to(self.device))[0]
-        return passkey_accuracy(model_fn, self.data.tokenizer, length, depths, self.runner.eval_trials,
-                                self.cfg.train.seed)
+        return passkey_scores(model_fn, self.data.tokenizer, length, depths, self.runner.eval_trials,
+                              self.cfg.train.seed)
 
     def check_long_context(self, passkey_lengths: list[int] = ()) -> None:
         """Models run past their training length (only RoPE can), on prompts that fit a passkey."""
@@ -283,12 +287,13 @@ def e2_passkey(x: Experiment) -> Path:
     r = x.runner
     contexts, lengths, depths = list(r.contexts), list(r.eval_lengths), list(r.eval_depths)
     x.check_long_context(lengths + contexts)
-    grids = {}
+    grids, token_acc = {}, {}
     for seq_len in contexts:
         run = x.train(f"ctx{seq_len}", *x.context(seq_len))
         model = x.load(run["checkpoint"])
-        by_length = [x.passkey(model, length, depths) for length in lengths]
-        grids[seq_len] = [[acc[d] for acc in by_length] for d in depths]  # rows depths, columns lengths
+        by_length = [x.passkey_scores(model, length, depths) for length in lengths]
+        grids[seq_len] = [[acc[d][0] for acc in by_length] for d in depths]  # rows depths, columns lengths
+        token_acc[seq_len] = [float(np.mean([acc[d][1] for d in depths])) for acc in by_length]
         del model
 
         fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 2, 0.45 * len(depths) + 1.5), layout="constrained")
@@ -309,7 +314,12 @@ def e2_passkey(x: Experiment) -> Path:
                       f"{', '.join(f'{d:g}' for d in depths)} (prompts per cell: {r.eval_trials}):\n\n"
                       + table(["trained at", *[f"@{human(n)}" for n in lengths]],
                               [[human(seq_len), *accs] for seq_len, accs in mean.items()]))
-    x.results |= {"lengths": lengths, "depths": depths, "accuracy": {str(k): v for k, v in grids.items()}}
+    x.sections.insert(1, "Answer tokens right (of the key's tokens, same prompts; partial progress the table "
+                      "above, which needs every token, does not show):\n\n"
+                      + table(["trained at", *[f"@{human(n)}" for n in lengths]],
+                              [[human(seq_len), *accs] for seq_len, accs in token_acc.items()]))
+    x.results |= {"lengths": lengths, "depths": depths, "accuracy": {str(k): v for k, v in grids.items()},
+                  "token_accuracy": {str(k): v for k, v in token_acc.items()}}
     return x.write_report("E2 passkey retrieval vs training context",
                           f"The same model trained on the same number of tokens at contexts "
                           f"{', '.join(map(human, contexts))} with `data.passkey_mix={x.cfg.data.passkey_mix}` (that "

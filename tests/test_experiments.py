@@ -88,7 +88,10 @@ def test_e2_passkey_smoke(tmp_path, cache_dir):
         grid = results["accuracy"][str(seq_len)]                   # rows depths, columns lengths
         assert len(grid) == len(results["depths"]) and all(len(row) == len(results["lengths"]) for row in grid)
         assert all(0 <= acc <= 1 for row in grid for acc in row)
+        tokens = results["token_accuracy"][str(seq_len)]          # per length, mean over depths
+        assert len(tokens) == len(results["lengths"]) and all(0 <= acc <= 1 for acc in tokens)
         assert (report_dir / f"passkey_ctx{seq_len}.png").exists()
+    assert "Answer tokens right" in (report_dir / "report.md").read_text()
 
 
 @pytest.mark.slow

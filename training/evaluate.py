@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from data.tasks import passkey_accuracy
+from data.tasks import passkey_scores
 
 from .device import to_device
 
@@ -33,13 +33,15 @@ def val_loss(model, loader, n_batches: int, device: torch.device, autocast) -> d
 @torch.no_grad()
 def passkey(model, tokenizer, context_len: int, depths: list[float], n_trials: int, seed: int,
             device: torch.device, autocast) -> dict:
-    """Passkey retrieval accuracy at context_len: the mean over depths, and each depth's."""
+    """Passkey retrieval at context_len: key accuracy averaged over depths and each depth's, and the
+    answer-token accuracy averaged over depths."""
     def model_fn(input_ids):
         with autocast():
             return model(input_ids.to(device))[0]
 
     model.eval()
-    by_depth = passkey_accuracy(model_fn, tokenizer, context_len, depths, n_trials, seed)
+    by_depth = passkey_scores(model_fn, tokenizer, context_len, depths, n_trials, seed)
     model.train()
-    return {"passkey_acc": sum(by_depth.values()) / len(by_depth),
-            **{f"passkey_acc@{depth:g}": acc for depth, acc in by_depth.items()}}
+    return {"passkey_acc": sum(key for key, _ in by_depth.values()) / len(by_depth),
+            "passkey_token_acc": sum(tok for _, tok in by_depth.values()) / len(by_depth),
+            **{f"passkey_acc@{depth:g}": key for depth, (key, _) in by_depth.items()}}
