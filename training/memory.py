@@ -45,7 +45,7 @@ class _KeptAttentionBlock(torch.autograd.Function):
     recomputed and backpropagated to get dy and part of dx, and q, k, v recomputed without a graph
     from the same input tile; attention's backward runs from the kept y; the first half (norm + qkv
     projection) is recomputed and backpropagated for the rest of dx. A parked input crosses PCIe
-    twice in backward, one tile at a time.
+    twice in backward, one tile at a time; all offload copies run on a side stream.
     Parameter gradients accumulate into .grad during that inner backward (as reentrant checkpointing
     does); the parameters are inputs only so that the output requires grad even if x does not."""
 
@@ -74,12 +74,11 @@ class _KeptAttentionBlock(torch.autograd.Function):
     def backward(ctx, grad_out):
         block, rope, cu_seqlens, tiles, device = ctx.block, ctx.rope, ctx.cu_seqlens, ctx.tiles, ctx.device
         kept = ctx.kept if ctx.kept is not None else ctx.saved_tensors
+        if ctx.kept is not None and device.type == "cuda":
+            torch.cuda.current_stream(device).wait_stream(_copy_stream(device))   # the parked copies are done
         x_kept, y = kept[0], kept[1].to(device, non_blocking=True)
         lse = kept[2].to(device, non_blocking=True) if len(kept) > 2 else None
         ctx.kept = None
-
-        def x_tile(t):   # the input, one tile at a time: a parked x never comes back whole
-            return x_kept[:, t].to(device, non_blocking=True).detach().requires_grad_()
 
         def run(fn, *args, grad=True):   # recompute under the forward's autocast
             with torch.set_grad_enabled(grad), torch.autocast(device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
@@ -93,8 +92,9 @@ class _KeptAttentionBlock(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.rng, device)
             else:
                 torch.set_rng_state(ctx.rng)
-            for t in tiles:
-                x_t, y_t = x_tile(t), y[:, t].detach().requires_grad_()
+            # the input, one tile at a time: a parked x never comes back whole
+            for t, x_t in zip(tiles, _fetch_tiles(x_kept, tiles, device)):
+                x_t, y_t = x_t.detach().requires_grad_(), y[:, t].detach().requires_grad_()
                 torch.autograd.backward(run(block.finish_tile, x_t, y_t), grad_out[:, t])
                 dy[:, t] = y_t.grad
                 if dx is None:
@@ -111,18 +111,57 @@ class _KeptAttentionBlock(torch.autograd.Function):
         dq, dk, dv = block.attn.attend_backward(dy, q, k, v, y, lse, cu_seqlens)
         del q, k, v, y, dy, lse
         # 3. first half: the rest of dx
-        for t in tiles:
-            x_t = x_tile(t)
+        for t, x_t in zip(tiles, _fetch_tiles(x_kept, tiles, device)):
+            x_t = x_t.detach().requires_grad_()
             torch.autograd.backward(run(block.project_tile, x_t, *(r[:, t] for r in rope)),
                                     (dq[:, t], dk[:, t], dv[:, t]))
             dx[:, t] += x_t.grad
         return (dx, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
+_COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One side stream per GPU for the offload copies, so they run beside the compute stream's kernels."""
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
 def _to_pinned(t):
+    """A copy of t in pinned host memory, made on the side stream (overlapping the next block's work)."""
     cpu = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-    cpu.copy_(t, non_blocking=True)
+    if not t.is_cuda:
+        return cpu.copy_(t)
+    stream = _copy_stream(t.device)
+    stream.wait_stream(torch.cuda.current_stream(t.device))   # t has been computed
+    with torch.cuda.stream(stream):
+        cpu.copy_(t, non_blocking=True)
+    t.record_stream(stream)   # t's memory is not reused before the copy has read it
     return cpu
+
+
+def _fetch_tiles(src, tiles, device):
+    """Yields src[:, t] on `device` for each tile; from pinned host memory the next tile is already
+    copying on the side stream while the caller computes on this one."""
+    if device.type != "cuda" or src.device == device:
+        for t in tiles:
+            yield src[:, t]
+        return
+    stream, compute = _copy_stream(device), torch.cuda.current_stream(device)
+
+    def start(t):
+        with torch.cuda.stream(stream):
+            return src[:, t].to(device, non_blocking=True)
+    following = start(tiles[0])
+    for i in range(len(tiles)):
+        tile = following
+        compute.wait_stream(stream)      # this tile has arrived
+        tile.record_stream(compute)      # allocated on the side stream, used on the compute stream
+        if i + 1 < len(tiles):
+            following = start(tiles[i + 1])
+        yield tile
 
 
 def _checkpointed(forward, mode, block, x, rope=None, cu_seqlens=None, cache=None):
