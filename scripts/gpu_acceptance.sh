@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks behind the issues' closing notes, in one command (run on a CUDA machine):
-#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train]
+#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train] [memory]
 # tests: the whole suite compiled on the GPU; bench: the kernel grid vs SDPA (make bench);
-# train: GPT-2 small at 16K context, 200 steps with our kernel and with SDPA, same seed and data.
+# train: GPT-2 small at 16K context, 200 steps with our kernel and with SDPA, same seed and data;
+# memory: GPT-2 124M with and without the memory plan from 64K to 1M tokens, with what holds the
+# memory at the peak at 64K and 1M (bench_context.py --breakdown-at; ~6 minutes).
 set -uo pipefail
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -26,6 +28,9 @@ for s in "${steps[@]}"; do
           | grep -v "train:" | tail -8
         cp "/tmp/runs/$att/metrics.jsonl" "$OUT/train_$att.jsonl"
       done ;;
-    *) echo "unknown step $s (tests | bench | train)"; exit 2 ;;
+    memory)
+      $PY scripts/bench_context.py --configs flash+plan flash --start 65536 --max 1048576 \
+        --breakdown-at 65536 1048576 --wandb none --out "$OUT/memory" 2>&1 | grep -v '^{"config"' | tail -60 ;;
+    *) echo "unknown step $s (tests | bench | train | memory)"; exit 2 ;;
   esac
 done
