@@ -244,7 +244,8 @@ def e1_scaling(x: Experiment) -> Path:
     x.sections.append("Every point (out of memory and errors are results too):\n\n"
                       + bench_context.markdown_table(rows))
     x.sections.append(
-        "Step s: median of the timed steps (the first is not timed unless it is the only one). MFU: model "
+        "Step s: median of the timed steps (the first is not timed unless it is the only one; with `offload` "
+        "the pinned host buffers are allocated before any step, `training.memory.warm_host_memory`). MFU: model "
         "FLOPs (`GPT.flops_per_token`) over the device's dense bf16 peak, where known. "
         + ("Peak GiB: `torch.cuda.max_memory_allocated` in a step. Kept for backward: GPU memory allocated "
            "by the forward pass (what it keeps for backward, plus what it returns: the loss and, without "

@@ -164,6 +164,19 @@ def _fetch_tiles(src, tiles, device):
         yield tile
 
 
+def warm_host_memory(model, batch_size: int, seq_len: int, dtype: torch.dtype) -> None:
+    """Allocates and frees, once, the pinned host buffers `offload` parks a step's tensors in (each
+    block's input in fp32, its attention output in `dtype`, the LSE), so that PyTorch's caching host
+    allocator hands them out again and a first step costs what later ones do. For benchmarks that time
+    a single step; training simply pays the allocation in its first step. Needs CUDA."""
+    c = model.config
+    shapes = (((batch_size, seq_len, c.d_model), torch.float32),
+              ((batch_size, seq_len, c.n_head * c.head_dim), dtype),
+              ((batch_size, c.n_head, seq_len), torch.float32))
+    buffers = [torch.empty(shape, dtype=dt, pin_memory=True) for _ in model.blocks for shape, dt in shapes]
+    del buffers
+
+
 def _checkpointed(forward, mode, block, x, rope=None, cu_seqlens=None, cache=None):
     if cache is not None or not torch.is_grad_enabled():   # generation / evaluation: nothing to save
         return forward(x, rope, cu_seqlens, cache)
