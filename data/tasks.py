@@ -132,13 +132,6 @@ def passkey_scores(model_fn: ModelFn, tokenizer: Tokenizer, context_len: int, de
     return scores
 
 
-def passkey_accuracy(model_fn: ModelFn, tokenizer: Tokenizer, context_len: int, depths: Sequence[float],
-                     n_trials: int, seed: int) -> dict[float, float]:
-    """{depth: key accuracy} of passkey_scores."""
-    return {depth: key for depth, (key, _) in passkey_scores(model_fn, tokenizer, context_len, depths, n_trials,
-                                                             seed).items()}
-
-
 # --- multi-query associative recall (Zoology, Arora et al. 2023) ------------------------------------
 
 def mqar_batch(batch_size: int, seq_len: int, num_pairs: int, vocab_size: int, seed: int,

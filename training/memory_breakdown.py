@@ -42,7 +42,6 @@ def origin(frames: list[dict], root: Path = ROOT) -> str:
 class Breakdown:
     peak_bytes: int                                     # live bytes at the peak, as replayed
     by_origin: dict[str, int] = field(default_factory=dict)
-    events: int = 0                                     # trace entries replayed
 
     def table(self, top: int = 12) -> str:
         """Markdown: the `top` largest groups live at the peak, the rest summed."""
@@ -82,7 +81,7 @@ def peak_breakdown(trace: list[dict], group=origin) -> Breakdown:
     by = defaultdict(int)
     for size, name in live_at.values():
         by[name] += size
-    return Breakdown(peak_bytes=peak, by_origin=dict(by), events=len(trace))
+    return Breakdown(peak_bytes=peak, by_origin=dict(by))
 
 
 class PeakBreakdown:
