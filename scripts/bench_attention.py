@@ -134,12 +134,12 @@ SWEEP = {
 SWEEP["dkdv_fused"] = SWEEP["dkdv"]
 
 
-def sweep(D, causal, N, log):
+def sweep(D, causal, N, log, passes=tuple(SWEEP)):
     """Best launch parameters for each pass at one point: fwd timed alone; dkdv / dq by fwd+bwd with
     the other backward pass at its current setting; dkdv_fused by fwd+bwd with deterministic=False."""
     H, B = MODEL_DIM // D, max(1, TOKENS // N)
     best = {}
-    for pass_name in ("fwd", "dkdv", "dq", "dkdv_fused"):
+    for pass_name in passes:
         mode = "fwd" if pass_name == "fwd" else "fwd_bwd"
         deterministic = pass_name != "dkdv_fused"
         results = []
@@ -176,6 +176,8 @@ def main():
                     help="FlexAttention compiles per shape: only these lengths (all: --flex-seqlens 0)")
     ap.add_argument("--sweep", action="store_true", help="search launch parameters per pass first")
     ap.add_argument("--sweep-seqlen", type=int, default=8192)
+    ap.add_argument("--sweep-passes", nargs="+", choices=list(SWEEP), default=list(SWEEP),
+                    help="passes to search (the others keep their launch-table settings)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -196,7 +198,7 @@ def main():
     for D in args.dims:
         for causal in map(bool, args.causal):
             log(f"correctness D{D} {'causal' if causal else 'full'} (rel. error vs fp32 math): {check_correct(D, causal)}")
-            configs = sweep(D, causal, args.sweep_seqlen, log) if args.sweep else {}
+            configs = sweep(D, causal, args.sweep_seqlen, log, args.sweep_passes) if args.sweep else {}
             used = {p: configs.get(p) or get_config(p, D, torch.bfloat16, torch.device("cuda"), causal)
                     for p in ("fwd", "dkdv", "dq", "dkdv_fused")}
             log(f"launch parameters D{D} {'causal' if causal else 'full'}: {used}")
