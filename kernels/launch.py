@@ -56,10 +56,14 @@ _FP32 = {"fwd": KernelConfig(64, 32, 4, 2), "dkdv": KernelConfig(32, 64, 4, 2),
 # the short sequences the CPU tests can afford.
 _INTERPRETER = KernelConfig(32, 16, 1, 1)
 
-# The atomic-dQ variant of the dK/dV pass (deterministic=False) holds a dQ tile too. Not yet tuned on
-# a GPU: it starts from the dK/dV pass's parameters.
+# The atomic-dQ variant of the dK/dV pass (deterministic=False) holds a dQ tile too; it starts from
+# the dK/dV pass's parameters. On the H100 the sweep at d128 16K kept them without the mask and chose
+# 2 stages with it (docs/bench/h100-atomic-dq-2026-11-25.txt); even tuned, it is slower than the
+# deterministic split (fwd+bwd d128 causal 16K: 354 vs 400 TFLOP/s).
 for _table in (_SM90, _GENERIC, _FP32):
-    _table["dkdv_fused"] = _table["dkdv"]
+    _table["dkdv_fused"] = dict(_table["dkdv"]) if isinstance(_table["dkdv"], dict) else _table["dkdv"]
+_SM90["dkdv_fused"][128] = KernelConfig(64, 128, 8, 2)
+_SM90_NONCAUSAL[("dkdv_fused", 128)] = KernelConfig(64, 128, 8, 3)
 
 _overrides: dict[str, KernelConfig] = {}
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 MLPS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("rope", "learned")
+ROPE_SCALINGS = ("linear", "yarn")
 ATTENTIONS = ("auto", "flash", "reference", "sdpa", "naive")
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 
@@ -28,8 +29,10 @@ class GPTConfig:
     norm: str = "layernorm"         # "layernorm" | "rmsnorm"
     pos: str = "rope"               # "rope" | "learned"
     rope_theta: float = 10000.0
-    # Linear position interpolation (positions are divided by this); 1.0 = off. Only for pos="rope".
+    # Context extension by this factor; 1.0 = off. Only for pos="rope". How: rope_scaling.
     rope_scaling_factor: float = 1.0
+    rope_scaling: str = "linear"    # "linear" (position interpolation) | "yarn" (model/rope.py)
+    rope_original_seq_len: int | None = None  # yarn: the context the model was trained at
     tie_embeddings: bool = True     # lm_head shares the token embedding matrix
     bias: bool = False              # biases in Linear and LayerNorm (GPT-2 had them)
     dropout: float = 0.0            # embedding and residual dropout (attention probs: none, see attention.py)
@@ -56,7 +59,7 @@ class GPTConfig:
             if not ok:
                 raise ValueError(f"GPTConfig.{msg}")
 
-        for name, options in (("mlp", MLPS), ("norm", NORMS), ("pos", POSITIONS),
+        for name, options in (("mlp", MLPS), ("norm", NORMS), ("pos", POSITIONS), ("rope_scaling", ROPE_SCALINGS),
                               ("attention", ATTENTIONS), ("sdpa_backend", SDPA_BACKENDS)):
             value = getattr(self, name)
             need(value in options, f"{name}={value!r} is unknown; choose one of {options}")
@@ -78,6 +81,12 @@ class GPTConfig:
         need(self.rope_scaling_factor > 0, f"rope_scaling_factor={self.rope_scaling_factor} must be > 0 (1.0 = off)")
         need(self.pos == "rope" or self.rope_scaling_factor == 1.0,
              f"rope_scaling_factor={self.rope_scaling_factor} only applies to pos='rope'; set it to 1.0")
+        if self.rope_scaling == "yarn" and self.rope_scaling_factor != 1.0:
+            need(isinstance(self.rope_original_seq_len, int) and self.rope_original_seq_len > 0,
+                 f"rope_original_seq_len={self.rope_original_seq_len!r}: rope_scaling='yarn' needs the context "
+                 "the model was trained at (e.g. 4096)")
+            need(self.rope_scaling_factor > 1.0,
+                 f"rope_scaling_factor={self.rope_scaling_factor}: yarn extends the context, so it must be > 1")
         need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
         need(isinstance(self.window, int) and self.window >= -1,
              f"window={self.window!r} must be an int >= -1 (-1 = unbounded)")

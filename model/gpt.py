@@ -100,7 +100,8 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.seq_len, config.d_model) if config.pos == "learned" else None
-        self.rope = (RotaryEmbedding(config.head_dim, config.seq_len, config.rope_theta, config.rope_scaling_factor)
+        self.rope = (RotaryEmbedding(config.head_dim, config.seq_len, config.rope_theta, config.rope_scaling_factor,
+                                     config.rope_scaling, config.rope_original_seq_len)
                      if config.pos == "rope" else None)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))

@@ -3,8 +3,23 @@
 Each pair of channels (i, i + D/2) of q and k is rotated by angle ``position * theta^(-2i/D)``, so
 q.k depends only on the distance between positions. Positions come from ``position_ids`` rather than
 ``arange(T)`` because the data loader restarts them at 0 in every packed document.
+
+Context extension by a factor s (``scaling_factor``), two ways (``scaling``):
+- "linear", position interpolation (Chen et al. 2023): every position p becomes p / s.
+- "yarn" (Peng et al. 2023, "YaRN"): frequencies that turn many times within the original context
+  (local, high-frequency pairs) are kept; those that turn less than once there are divided by s;
+  a linear ramp between the two, in rotations per original context. The logits are also scaled by
+  (0.1 ln s + 1)^2: the cos/sin tables carry one factor each, for q and for k.
 """
+import math
+
 import torch
+
+from .config import ROPE_SCALINGS
+# YaRN's ramp, in rotations of a frequency over the original context: below YARN_BETA_SLOW the
+# frequency is interpolated (divided by s), above YARN_BETA_FAST it is kept (the paper's alpha, beta
+# for Llama).
+YARN_BETA_SLOW, YARN_BETA_FAST = 1.0, 32.0
 
 
 class RotaryEmbedding:
@@ -15,21 +30,45 @@ class RotaryEmbedding:
     checkpoint. The table is computed in float64 and stored in float32.
     """
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0, scaling_factor: float = 1.0):
+    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0, scaling_factor: float = 1.0,
+                 scaling: str = "linear", original_max_positions: int | None = None):
+        if scaling not in ROPE_SCALINGS:
+            raise ValueError(f"scaling={scaling!r} is unknown; choose one of {ROPE_SCALINGS}")
+        if scaling == "yarn" and scaling_factor != 1.0 and not (original_max_positions or 0) > 0:
+            raise ValueError("scaling='yarn' needs original_max_positions, the context the model was trained at")
         self.head_dim = head_dim
         self.max_positions = max_positions
         self.theta = theta
-        # Linear position interpolation: position p is treated as p / factor, squeezing a longer
-        # context into the range of angles seen in training.
-        self.scaling_factor = scaling_factor
+        self.scaling_factor = scaling_factor         # 1.0 = no context extension
+        self.scaling = scaling
+        self.original_max_positions = original_max_positions
         self.cos = self.sin = None                   # (n, head_dim) float32
 
+    def inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        """The D/2 angular frequencies (radians per position) after context extension, float64."""
+        freq = self.theta ** -(torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim)
+        s = self.scaling_factor
+        if s == 1.0:
+            return freq
+        if self.scaling == "linear":
+            return freq / s
+        rotations = self.original_max_positions * freq / (2 * math.pi)   # turns over the original context
+        keep = ((rotations - YARN_BETA_SLOW) / (YARN_BETA_FAST - YARN_BETA_SLOW)).clamp(0.0, 1.0)
+        return freq / s * (1.0 - keep) + freq * keep
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor YaRN multiplies each of q and k by (so the logits by its square); 1 otherwise."""
+        if self.scaling != "yarn" or self.scaling_factor <= 1.0:
+            return 1.0
+        return 0.1 * math.log(self.scaling_factor) + 1.0
+
     def _build(self, n: int, device: torch.device) -> None:
-        inv_freq = self.theta ** -(torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim)
-        positions = torch.arange(n, dtype=torch.float64, device=device) / self.scaling_factor
-        angles = torch.outer(positions, inv_freq)                    # (n, D/2)
+        positions = torch.arange(n, dtype=torch.float64, device=device)
+        angles = torch.outer(positions, self.inv_freq(device))       # (n, D/2)
         angles = torch.cat([angles, angles], dim=-1)                 # (n, D): both halves of each pair
-        self.cos, self.sin = angles.cos().float(), angles.sin().float()
+        m = self.attention_scale
+        self.cos, self.sin = (angles.cos() * m).float(), (angles.sin() * m).float()
 
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) int64 -> cos, sin each (B, T, head_dim) float32.

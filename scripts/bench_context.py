@@ -3,6 +3,7 @@
     make bench-context                                 # GPT-2 124M, every configuration below
     make bench-context ARGS="--configs flash+plan --start 262144 --max 1048576"
     make bench-context ARGS="--model tiny --configs flash naive --start 64 --max 512 --device cpu --wandb none"
+    make bench-context ARGS="--configs flash sdpa_cudnn --start 8192 --max 8192 --steps 10 --compile"
 
 For each configuration, context lengths double from --start until the first out-of-memory (a
 result, recorded, not a crash: the sweep goes on with the next configuration), --max, or a step
@@ -96,8 +97,10 @@ class SavedForBackward(torch.autograd.graph.saved_tensors_hooks):
         return sum(self.storages.values())
 
 
-def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device) -> dict:
-    """`steps` training steps at seq_len; raises torch.OutOfMemoryError when it does not fit."""
+def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device,
+              compile: bool = False) -> dict:
+    """`steps` training steps at seq_len; raises torch.OutOfMemoryError when it does not fit.
+    compile: torch.compile the model (as train.compile=true); its first step compiles and is not timed."""
     attention, sdpa_backend, plan = backend(name, device)
     cuda = device.type == "cuda"
     cfg = GPTConfig(seq_len=seq_len, attention=attention, sdpa_backend=sdpa_backend, doc_masking=False,
@@ -106,6 +109,7 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
     if cuda and plan[0] == "offload":   # pinned host buffers allocated outside the timed steps
         warm_host_memory(model, 1, seq_len, torch.bfloat16)
     opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device.type)
+    step_model = torch.compile(model) if compile else model
     x = torch.randint(0, cfg.vocab_size, (1, seq_len), device=device)
     y = torch.randint(0, cfg.vocab_size, (1, seq_len), device=device)
     sync = torch.cuda.synchronize if cuda else lambda: None
@@ -120,7 +124,7 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
         saved = SavedForBackward(model.parameters()) if i == 0 and not cuda else contextlib.nullcontext()
         t0 = time.perf_counter()
         with autocast("auto", device), saved:
-            _, loss = model(x, targets=y)
+            _, loss = step_model(x, targets=y)
         sync()
         if i == 0:
             kept = torch.cuda.memory_allocated() - before if cuda else saved.nbytes
@@ -142,17 +146,18 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
                 mfu=model.flops_per_token(seq_len) * tok_s / dev_peak if dev_peak else None)
 
 
-def point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device, breakdown: bool = False) -> dict:
+def point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device, breakdown: bool = False,
+          compile: bool = False) -> dict:
     """One row: run_point's measurements and status "ok", or only the status ("OOM", "error: ...").
     breakdown (CUDA): also what held the memory at the peak (training/memory_breakdown.py), from
     before the model is built, so parameters and AdamW state are attributed too; after an
     out-of-memory error, what filled the device."""
-    row = dict(config=name, seq_len=seq_len, status="ok")
+    row = dict(config=name + ("+compile" if compile else ""), seq_len=seq_len, status="ok")
     recorder = PeakBreakdown() if breakdown and device.type == "cuda" else contextlib.nullcontext()
     try:
         try:
             with recorder:
-                row |= run_point(name, model_name, seq_len, steps, device)
+                row |= run_point(name, model_name, seq_len, steps, device, compile)
         finally:
             if getattr(recorder, "result", None) is not None:
                 b = recorder.result
@@ -170,12 +175,13 @@ def point(name: str, model_name: str, seq_len: int, steps: int, device: torch.de
 def sweep(configs: list[str], model_name: str, start: int, max_len: int, steps: int, long_steps: int,
           long_from: int, max_step_seconds: float, device: torch.device, out: Path, wandb: str = "none",
           project: str = WANDB_PROJECT, log=lambda row: None, max_by_config: dict | None = None,
-          breakdown_at: tuple[int, ...] = ()) -> list[dict]:
+          breakdown_at: tuple[int, ...] = (), compile: bool = False) -> list[dict]:
     """For each configuration, double the context from `start` until the first point that is not ok,
     `max_len` (or max_by_config[config], a lower cap for slow baselines), or a step slower than
     `max_step_seconds`; at the contexts in `breakdown_at` also what holds the memory at the peak; `long_steps` steps per point from `long_from`
     tokens on, else `steps`. Returns the rows in order, each also passed to `log`. Each configuration
-    logs to out/<config>/metrics.jsonl and to a wandb run (mode `wandb`, as logger.mode: best effort)."""
+    logs to out/<config>/metrics.jsonl and to a wandb run (mode `wandb`, as logger.mode: best effort).
+    compile: every model torch.compile'd; rows and runs are named <config>+compile."""
     # Tensors of GiBs that change size with every point fragment the caching allocator's fixed
     # segments; growable segments keep the peak close to what is allocated. Read at the first CUDA
     # allocation, so this only applies if nothing was allocated before (set it yourself otherwise).
@@ -184,13 +190,14 @@ def sweep(configs: list[str], model_name: str, start: int, max_len: int, steps: 
     rows = []
     for name in configs:
         attention, sdpa_backend, (checkpointing, seq_chunk, loss_chunk) = backend(name, device)
-        logger = RunLogger(OmegaConf.create(dict(mode=wandb, project=project, group=group, name=name, dir=str(out))),
-                           out / name, dict(config=name, model=model_name, **MODELS[model_name], attention=attention,
+        run_name = name + ("+compile" if compile else "")
+        logger = RunLogger(OmegaConf.create(dict(mode=wandb, project=project, group=group, name=run_name, dir=str(out))),
+                           out / run_name, dict(config=run_name, model=model_name, compile=compile, **MODELS[model_name], attention=attention,
                                             sdpa_backend=sdpa_backend, activation_checkpointing=checkpointing,
                                             seq_chunk=seq_chunk, loss_chunk=loss_chunk, device=str(device)))
         n, longest, status = start, None, "no point"
         while n <= min(max_len, (max_by_config or {}).get(name, max_len)):
-            r = point(name, model_name, n, long_steps if n >= long_from else steps, device, n in breakdown_at)
+            r = point(name, model_name, n, long_steps if n >= long_from else steps, device, n in breakdown_at, compile)
             rows.append(r)
             log(r)
             # the context is the step: wandb plots each metric against it
@@ -269,6 +276,8 @@ def main():
     ap.add_argument("--max-step-seconds", type=float, default=400.0, help="stop doubling past this step time")
     ap.add_argument("--breakdown-at", type=int, nargs="*", default=[],
                     help="contexts at which to record what holds the memory at the peak (CUDA)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each model (train.compile=true); "
+                    "use --steps >= 3: the first step compiles")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
     ap.add_argument("--wandb", default="auto", choices=("auto", "online", "offline", "none"),
                     help="auto: online when logged in, otherwise offline (runs under --out/wandb)")
@@ -282,7 +291,7 @@ def main():
     print(json.dumps(env), flush=True)
     rows = sweep(args.configs, args.model, args.start, args.max, args.steps, args.long_steps, args.long_from,
                  args.max_step_seconds, device, out, wandb=args.wandb, log=lambda r: print(json.dumps(r), flush=True),
-                 breakdown_at=tuple(args.breakdown_at))
+                 breakdown_at=tuple(args.breakdown_at), compile=args.compile)
     (out / "context.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r if k != "peak_breakdown"))   # nested: JSON only
     with open(out / "context.csv", "w", newline="") as f:

@@ -390,13 +390,14 @@ def e4_extend(x: Experiment) -> Path:
     evaluate(f"trained at {human(short)}, at its own length", x.load(base), short)
     evaluate("plain (RoPE unchanged)", x.load(base), long)
     for method, changes in r.methods.items():
-        changes = OmegaConf.to_container(changes)
+        changes = OmegaConf.to_container(changes, resolve=True)
         evaluate(f"{method}, no fine-tune", x.load(base, **changes), long)
         tuned = x.train(f"finetune_{method}", *x.context(long), *[f"model.{k}={v}" for k, v in changes.items()],
                         path_override("train.init_from", base), *[f"train.{k}={v}" for k, v in r.finetune.items()])
         evaluate(f"{method} + {tuned['steps']}-step fine-tune", x.load(tuned["checkpoint"]), long)
 
-    methods = "; ".join(f"{m}: " + ", ".join(f"`model.{k}={v}`" for k, v in c.items()) for m, c in r.methods.items())
+    resolved = {m: OmegaConf.to_container(c, resolve=True) for m, c in r.methods.items()}
+    methods = "; ".join(f"{m}: " + ", ".join(f"`model.{k}={v}`" for k, v in c.items()) for m, c in resolved.items())
     x.sections.append(table(["variant", "eval length", "val ppl", "passkey acc",
                              *[f"acc @depth {d:g}" for d in depths]],
                             [[v["variant"], human(v["length"]), v["val_ppl"], v["passkey_acc"], *v["by_depth"]]

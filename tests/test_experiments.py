@@ -109,15 +109,17 @@ def test_e3_context_smoke(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_e4_extend_smoke(tmp_path, cache_dir):
     report_dir, results = run_smoke("e4_extend", tmp_path, cache_dir)
-    assert [run["run"] for run in results["runs"]] == ["short128", "finetune_pi", "finetune_theta"]
+    assert [run["run"] for run in results["runs"]] == ["short128", "finetune_pi", "finetune_theta", "finetune_yarn"]
     short, *tuned = results["runs"]
     for run in tuned:  # fine-tuned at the long context from the short run's weights
         assert run["seq_len"] == 1024 and run["steps"] == 5
         assert f"train.init_from={short['checkpoint']}" in run["overrides"]
     assert load_checkpoint(tuned[0]["checkpoint"])["model_config"]["rope_scaling_factor"] == 8.0
     assert load_checkpoint(tuned[1]["checkpoint"])["model_config"]["rope_theta"] == 100000.0
+    yarn = load_checkpoint(tuned[2]["checkpoint"])["model_config"]
+    assert (yarn["rope_scaling"], yarn["rope_scaling_factor"], yarn["rope_original_seq_len"]) == ("yarn", 8.0, 128)
     variants = results["variants"]
-    assert len(variants) == 6 and [v["length"] for v in variants] == [128] + [1024] * 5
+    assert len(variants) == 8 and [v["length"] for v in variants] == [128] + [1024] * 7
     for v in variants:
         assert 0 <= v["passkey_acc"] <= 1 and all(0 <= acc <= 1 for acc in v["by_depth"])
         assert math.isfinite(v["val_ppl"])
@@ -160,10 +162,10 @@ def test_context_sweep_records_oom_and_goes_on(tmp_path, monkeypatch):
     bench = experiment.bench_context
     real = bench.run_point
 
-    def run_point(name, model_name, seq_len, steps, device):
+    def run_point(name, model_name, seq_len, steps, device, compile=False):
         if name == "naive" and seq_len > 64:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(name, model_name, seq_len, steps, device)
+        return real(name, model_name, seq_len, steps, device, compile)
 
     monkeypatch.setattr(bench, "run_point", run_point)
     logged = []
@@ -175,6 +177,24 @@ def test_context_sweep_records_oom_and_goes_on(tmp_path, monkeypatch):
         ("sdpa_flash", 256, "ok")]
     assert "| naive | 128 | - | - |" in bench.markdown_table(rows) and "| OOM |" in bench.markdown_table(rows)
     assert (tmp_path / "naive" / "metrics.jsonl").read_text().count("\n") == 2  # every point, OOM too
+
+
+def test_context_sweep_compile(tmp_path, monkeypatch):
+    """--compile: each point's model goes through torch.compile (dynamo + AOT autograd here, inductor's C++
+    build is slow on CPU), its training steps run, and rows and runs are named <config>+compile."""
+    compiled = []
+    real = torch.compile
+
+    def spy(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return real(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", spy)
+    rows = experiment.bench_context.sweep(["naive"], "tiny", 64, 64, 2, 2, 1024, 60.0, torch.device("cpu"), tmp_path,
+                                          compile=True)
+    assert compiled == ["GPT"]
+    assert [(r["config"], r["status"]) for r in rows] == [("naive+compile", "ok")]
+    assert rows[0]["tokens_per_s"] > 0 and (tmp_path / "naive+compile" / "metrics.jsonl").exists()
 
 
 def test_make_experiment_passes_name_smoke_and_overrides():

@@ -164,6 +164,30 @@ def test_rope_relative_and_scaling():
     torch.testing.assert_close(scaled, plain)                    # linear interpolation: p -> p / 2
 
 
+def test_rope_yarn():
+    """YaRN keeps the frequencies that turn more than 32 times over the original context, divides those
+    that turn less than once by the factor, ramps between; the tables carry the (0.1 ln s + 1) scale."""
+    positions = torch.arange(300)[None]
+    plain = RotaryEmbedding(64, max_positions=300)
+    for a, b in zip(RotaryEmbedding(64, 300, scaling="yarn")(positions), plain(positions)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)         # factor 1: unchanged
+    yarn = RotaryEmbedding(64, 300, scaling_factor=4.0, scaling="yarn", original_max_positions=256)
+    ratio = yarn.inv_freq() / plain.inv_freq()
+    turns = 256 * plain.inv_freq() / (2 * math.pi)
+    assert torch.all(ratio[turns >= 32] == 1.0) and torch.allclose(ratio[turns <= 1], torch.tensor(0.25, dtype=ratio.dtype))
+    between = ratio[(turns > 1) & (turns < 32)]
+    assert between.numel() > 0 and torch.all((between > 0.25) & (between < 1.0))
+    assert torch.all(ratio[1:] <= ratio[:-1])                    # slower frequencies, more interpolation
+    cos, sin = yarn(positions)
+    scale = 0.1 * math.log(4.0) + 1
+    torch.testing.assert_close(cos ** 2 + sin ** 2, torch.full_like(cos, scale ** 2))
+    angles = torch.outer(torch.arange(300, dtype=torch.float64), yarn.inv_freq())
+    torch.testing.assert_close(cos[0, :, :32], (angles.cos() * scale).float())
+    # the model uses it; a factor without the original context is an error naming the field
+    model = GPT(make_config(rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_seq_len=16))
+    assert model.rope.scaling == "yarn" and model.rope.attention_scale == scale
+
+
 # --- attention backends ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("doc_lens", [(10, 22, 18, 14), (10, 30, 24)], ids=["row_aligned", "doc_across_rows"])
@@ -293,6 +317,9 @@ def test_generate_sampling_top_k():
     (dict(dropout=1.0), "dropout"),
     (dict(n_layer=0), "n_layer"),
     (dict(pos="learned", rope_scaling_factor=2.0), "rope_scaling_factor"),
+    (dict(rope_scaling="ntk"), "rope_scaling"),
+    (dict(rope_scaling="yarn", rope_scaling_factor=4.0), "rope_original_seq_len"),
+    (dict(rope_scaling="yarn", rope_scaling_factor=0.5, rope_original_seq_len=64), "rope_scaling_factor"),
     (dict(attention="sdpa", sdpa_backend="flash"), "sdpa_backend"),  # flash SDPA takes no document mask
 ])
 def test_config_validation_names_the_field(overrides, field):
