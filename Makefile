@@ -28,6 +28,9 @@ test-gpu: ## run the test suite compiled on a CUDA GPU (uses the current python)
 bench: ## attention kernel TFLOP/s and memory vs SDPA / standard attention (CUDA)
 	$(PYTHON) scripts/bench_attention.py $(ARGS)
 
+kernel-report: ## registers, spills, serialized wgmma of each kernel compiled for sm_90a (no GPU needed)
+	env -u TRITON_INTERPRET $(PY) scripts/kernel_report.py $(ARGS)
+
 bench-context: ## context sweep: peak memory and tokens/s per backend and memory plan (CUDA)
 	$(PYTHON) scripts/bench_context.py $(ARGS)
 
@@ -54,4 +57,4 @@ sample: $(STAMP) ## text from a checkpoint: make sample [CKPT=path] [ARGS='--pro
 experiment: $(STAMP) ## long-context experiment + report: NAME=e1_scaling|e2_passkey|e3_context|e4_extend [SMOKE=1]
 	$(PY) scripts/experiment.py $(NAME) $(if $(filter 1 true yes,$(SMOKE)),--smoke) $(ARGS) $(OVERRIDES)
 
-.PHONY: help venv test test-gpu bench bench-context train sample experiment
+.PHONY: help venv test test-gpu bench kernel-report bench-context train sample experiment

@@ -49,51 +49,83 @@ def _attn_bwd_preprocess(Out, DOut, DLse, Delta, num_rows,
 
 
 @triton.jit
+def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_base, delta_base, dq_base,
+                        stride_dqm, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+                        sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                        PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
+    """One query tile's share of this key block's dK and dV (and of dQ when FUSED_DQ). q_row / do_row
+    point at the tile's first row (int64 arithmetic stays in those scalars; in-tile offsets fit int32)."""
+    offs_r = tl.arange(0, BLOCK_M)
+    q_ptrs = q_row + offs_r[:, None] * stride_qm + offs_d[None, :]
+    do_ptrs = do_row + offs_r[:, None] * stride_dom + offs_d[None, :]
+    d_mask = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        row_ok = offs_m < seqlen_q
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask, other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & d_mask, other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    else:
+        if HEAD_DIM == HEAD_DIM_PAD:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=d_mask, other=0.0)
+            do = tl.load(do_ptrs, mask=d_mask, other=0.0)
+        lse = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    # rows that saw no key have LSE -inf; +inf makes their P exactly 0 instead of NaN
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    qkT = _dot(k, tl.trans(q), None, PRECISION)       # (BLOCK_N, BLOCK_M)
+    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    if MASKED:
+        visT = _tile_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                             HAS_LEFT, HAS_RIGHT)
+        pT = tl.where(tl.trans(visT), pT, 0.0)
+    dv = _dot(pT.to(do.dtype), do, dv, PRECISION)
+    dpT = _dot(v, tl.trans(do), None, PRECISION)       # (BLOCK_N, BLOCK_M)
+    dsT = pT * (dpT - delta[None, :])
+    dk = _dot(dsT.to(q.dtype), q, dk, PRECISION)
+    if FUSED_DQ:   # this key block's share of dQ, added into the fp32 accumulator
+        dq = _dot(tl.trans(dsT.to(k.dtype)), k, None, PRECISION) * sm_scale      # (BLOCK_M, HEAD_DIM_PAD)
+        tl.atomic_add(dq_base + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :], dq,
+                      mask=(offs_m[:, None] < seqlen_q) & d_mask, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                          stride_qm, stride_dom, stride_dqm, offs_n, offs_d, start, end,
                          seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                          BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                         PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
+                         PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr):
+    """Query rows [start, end) in tiles of BLOCK_M. COUNTED runs the tiles as `range(n_tiles)` instead
+    of `tl.range(start, end, BLOCK_M)`: with the latter, and three such loops in the kernel, ptxas 12.8
+    serializes every wgmma of the kernel on sm_90 (warning C7515; docs/perf-notes.md). The launch
+    table picks the form (KernelConfig.counted)."""
     offs_r = tl.arange(0, BLOCK_M)
-    d_mask = offs_d[None, :] < HEAD_DIM
-    q_ptrs = q_base + start.to(tl.int64) * stride_qm + offs_r[:, None] * stride_qm + offs_d[None, :]
-    do_ptrs = do_base + start.to(tl.int64) * stride_dom + offs_r[:, None] * stride_dom + offs_d[None, :]
-    for start_m in tl.range(start, end, BLOCK_M):
-        offs_m = start_m + offs_r
-        if MASKED:
-            row_ok = offs_m < seqlen_q
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask, other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None] & d_mask, other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        else:
-            if HEAD_DIM == HEAD_DIM_PAD:
-                q = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
-            else:
-                q = tl.load(q_ptrs, mask=d_mask, other=0.0)
-                do = tl.load(do_ptrs, mask=d_mask, other=0.0)
-            lse = tl.load(lse_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
-        # rows that saw no key have LSE -inf; +inf makes their P exactly 0 instead of NaN
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        qkT = _dot(k, tl.trans(q), None, PRECISION)       # (BLOCK_N, BLOCK_M)
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        if MASKED:
-            visT = _tile_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
-                                 HAS_LEFT, HAS_RIGHT)
-            pT = tl.where(tl.trans(visT), pT, 0.0)
-        dv = _dot(pT.to(do.dtype), do, dv, PRECISION)
-        dpT = _dot(v, tl.trans(do), None, PRECISION)       # (BLOCK_N, BLOCK_M)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _dot(dsT.to(q.dtype), q, dk, PRECISION)
-        if FUSED_DQ:   # this key block's share of dQ, added into the fp32 accumulator
-            dq = _dot(tl.trans(dsT.to(k.dtype)), k, None, PRECISION) * sm_scale      # (BLOCK_M, HEAD_DIM_PAD)
-            tl.atomic_add(dq_base + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :], dq,
-                          mask=(offs_m[:, None] < seqlen_q) & d_mask, sem="relaxed")
-        q_ptrs += BLOCK_M * stride_qm
-        do_ptrs += BLOCK_M * stride_dom
+    q_row = q_base + start.to(tl.int64) * stride_qm
+    do_row = do_base + start.to(tl.int64) * stride_dom
+    if COUNTED:
+        offs_m = start + offs_r
+        for _ in range(0, tl.cdiv(end - start, BLOCK_M)):
+            dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_base, delta_base,
+                                         dq_base, stride_dqm, offs_m, offs_n, offs_d, seqlen_q, seqlen_k,
+                                         window_left, window_right, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
+                                         HEAD_DIM_PAD, MASKED, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ)
+            offs_m += BLOCK_M
+            q_row += BLOCK_M * stride_qm
+            do_row += BLOCK_M * stride_dom
+    else:
+        for start_m in tl.range(start, end, BLOCK_M):
+            dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_base, delta_base,
+                                         dq_base, stride_dqm, start_m + offs_r, offs_n, offs_d, seqlen_q, seqlen_k,
+                                         window_left, window_right, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
+                                         HEAD_DIM_PAD, MASKED, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ)
+            q_row += BLOCK_M * stride_qm
+            do_row += BLOCK_M * stride_dom
     return dk, dv
 
 
@@ -112,7 +144,7 @@ def _attn_bwd_dkdv(Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeqlensQ, CuSeqle
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                   PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
+                   PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HEAD_DIM_PAD >= 16)
     pid = tl.program_id(0)
     pid_bh = pid // num_n_blocks
@@ -152,17 +184,17 @@ def _attn_bwd_dkdv(Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeqlensQ, CuSeqle
                                           stride_qm, stride_dom, stride_dqm, offs_n, offs_d, lo, mid_lo,
                                           seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                                           BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                          PRECISION, FUSED_DQ)
+                                          PRECISION, FUSED_DQ, COUNTED)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                       stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_lo, mid_hi,
                                       seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                                       BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
-                                      PRECISION, FUSED_DQ)
+                                      PRECISION, FUSED_DQ, COUNTED)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                       stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_hi, hi,
                                       seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                                       BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                      PRECISION, FUSED_DQ)
+                                      PRECISION, FUSED_DQ, COUNTED)
     dk_base = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkn
     dv_base = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvn
     tl.store(dk_base + offs_c[:, None] * stride_dkn + offs_d[None, :],

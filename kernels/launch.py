@@ -25,6 +25,7 @@ class KernelConfig:
     BLOCK_N: int       # key rows per tile
     num_warps: int
     num_stages: int
+    counted: bool = False  # dK/dV pass only: its query loop as range(n_tiles) (flash_bwd.py says why)
 
 
 # Launch parameters per (pass, padded head dim) for Hopper, from `make bench ARGS=--sweep` on an
@@ -92,7 +93,12 @@ def get_config(pass_name: str, head_dim_pad: int, dtype: torch.dtype, device: to
     d = max(64, head_dim_pad)
     if torch.cuda.get_device_capability(device)[0] < 9:
         return _GENERIC[pass_name][d]
-    return (not causal and _SM90_NONCAUSAL.get((pass_name, d))) or _SM90[pass_name][d]
+    return hopper_config(pass_name, d, causal)
+
+
+def hopper_config(pass_name: str, head_dim_pad: int, causal: bool) -> KernelConfig:
+    """The Hopper (sm_90) launch-table entry for bf16/fp16; head_dim_pad 64, 128 or 256."""
+    return (not causal and _SM90_NONCAUSAL.get((pass_name, head_dim_pad))) or _SM90[pass_name][head_dim_pad]
 
 
 def _head_dim_pad(head_dim: int) -> int:
@@ -199,7 +205,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
             *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
             *_seq_strides(dout, varlen), *_seq_strides(dk, varlen), *_seq_strides(dv, varlen),
             *_seq_strides(dq, varlen), *lse_strides, NUM_KV_HEADS=nheads_k, GROUP=nheads // nheads_k,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, FUSED_DQ=fused, **common,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, FUSED_DQ=fused, COUNTED=cfg.counted, **common,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if fused:
         return dq.to(q.dtype), dk, dv

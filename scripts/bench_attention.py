@@ -121,18 +121,20 @@ def check_correct(D, causal):
     return {name: ((a.float() - b).norm() / b.norm()).item() for name, a, b in zip(("out", "dq", "dk", "dv"), ours, refs)}
 
 
-# Launch parameters tried by --sweep, per pass: (BLOCK_M, BLOCK_N, warps, stages).
+# Launch parameters tried by --sweep, per pass: (BLOCK_M, BLOCK_N, warps, stages[, counted]).
 SWEEP = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4),
             (64, 64, 4, 3), (128, 64, 8, 4), (64, 128, 4, 3)],
     "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3),
-             (32, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2), (64, 128, 16, 3)],
+             (32, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2), (64, 128, 16, 3),
+             # counted query loop (KernelConfig.counted): wgmma not serialized (scripts/kernel_report.py)
+             (64, 128, 8, 3, True), (64, 128, 8, 2, True), (32, 128, 8, 3, True), (64, 64, 8, 3, True)],
     "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
            (64, 32, 4, 3), (128, 64, 4, 3), (64, 128, 8, 2), (128, 64, 16, 3)],
 }
 # the atomic-dQ dK/dV pass (deterministic=False) holds a dQ tile as well: the dK/dV candidates
 # (16 warps: Flex's Hopper heuristic for d128; 23-47% slower for us, docs/perf-notes.md)
-SWEEP["dkdv_fused"] = SWEEP["dkdv"][:-1]
+SWEEP["dkdv_fused"] = [c for c in SWEEP["dkdv"] if c[2] != 16]
 
 
 def sweep(D, causal, N, log, passes=tuple(SWEEP)):

@@ -5,15 +5,23 @@ float64 is at most 2x the error of standard attention computed in the kernel's p
 in the input dtype, softmax in fp32), plus a small absolute epsilon. On CPU the kernels run in
 Triton's interpreter (tests/conftest.py); with CUDA the same tests run compiled.
 """
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 import kernels.flash_attn as flash_attn_module
 from kernels import flash_attn_backward, flash_attn_func, flash_attn_varlen_func
 from kernels.launch import KernelConfig, override_configs
 from kernels.reference import attention_ref, blockwise_attention
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DTYPES = [torch.float16, torch.bfloat16]
 
@@ -174,6 +182,25 @@ def test_other_block_shapes(cfg, device):
     with override_configs(fwd=cfg, dkdv=cfg, dq=cfg):
         check_batch(1, 100, 77, 2, 1, 32, torch.float16, device, causal=True, window=(40, -1))
         check_batch(1, 65, 130, 2, 2, 32, torch.float16, device)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["split", "atomic"])
+def test_counted_dkdv_loop(deterministic, device):
+    # KernelConfig.counted: the dK/dV pass walks its query tiles as range(n_tiles) (on sm_90 ptxas
+    # serializes the wgmma of the tl.range form, scripts/kernel_report.py); same gradients: uneven
+    # tails, GQA, padded head dim, windows, Nq != Nk, rows that see no key, varlen with an empty document
+    counted = KernelConfig(32, 16, 1, 1, counted=True) if device.type == "cpu" else KernelConfig(64, 64, 4, 2, counted=True)
+    with override_configs(dkdv=counted, dkdv_fused=counted):
+        check_batch(2, 97, 97, 4, 2, 80, torch.bfloat16, device, causal=True, dlse=True, deterministic=deterministic)
+        check_batch(1, 100, 77, 2, 1, 32, torch.float16, device, causal=True, window=(40, -1),
+                    deterministic=deterministic)
+        check_batch(1, 65, 130, 2, 2, 32, torch.float16, device, deterministic=deterministic)
+        cu = torch.tensor([0, 5, 5, 46, 70], dtype=torch.int32, device=device)
+        q, k, v = (torch.randn(74, 4, 32, dtype=torch.float16, device=device) for _ in range(3))
+        check_against_oracle(
+            lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 41, 41, causal=True, return_lse=True,
+                                                   deterministic=deterministic),
+            lambda q, k, v: attention_ref(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), [q, k, v])
 
 
 def _varlen_case(doc_lens_q, doc_lens_k, H, Hk, D, dtype, device, causal, window=(-1, -1), extra_rows=0):
@@ -414,3 +441,21 @@ def test_cu_seqlens_checked_again_after_in_place_change(device):
     cu[1] = 11
     with pytest.raises(ValueError, match="non-decreasing"):
         flash_attn_varlen_func(q, k, v, cu, cu, 6, 6)
+
+
+@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists(),
+                    reason="this Triton has no bundled ptxas")
+def test_kernel_report_compiles_for_hopper():
+    # scripts/kernel_report.py compiles for sm_90a without a GPU: the counted dK/dV loop at d128 runs its
+    # wgmma unserialized (a few waits, not one per HGMMA) and the report reads registers and spills
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_report.py"), "--dims", "128", "--causal", "0",
+                          "--passes", "dkdv", "--config", "dkdv=64,128,8,3,counted", "--json"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["pass_name"] == "dkdv" and r["config"]["counted"] and 0 < r["registers"] <= 255
+    assert not r["serialized_wgmma"] and r["hgmma"] > 0 and r["depbar"] < r["hgmma"]
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_report.py"), "--config", "dkdv=64,128"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and "--config 'dkdv=64,128': expected PASS=BLOCK_M,BLOCK_N,WARPS,STAGES" in bad.stderr

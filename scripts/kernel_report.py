@@ -1,0 +1,152 @@
+"""What the compiler makes of the attention kernels on Hopper, without a GPU: registers, spills and
+serialized tensor-core instructions, per kernel and launch configuration.
+
+    python scripts/kernel_report.py                                   # Hopper table entries, d64/d128
+    python scripts/kernel_report.py --dims 128 --passes dkdv --config dkdv=64,128,8,3,counted
+
+Each kernel is compiled for sm_90a as the launcher would launch it on the benchmark's shapes (bf16,
+H * D = 2048, row strides divisible by 16), then its PTX goes through Triton's bundled ptxas
+(`-v`) and its cubin through cuobjdump. Columns: registers per thread, spill stores / loads (bytes),
+whether ptxas serialized the kernel's wgmma instructions (warning C7515), and in the SASS the number
+of HGMMA instructions and of WARPGROUP.DEPBAR waits (one wait per HGMMA is serialized execution).
+Run it without TRITON_INTERPRET. docs/perf-notes.md records what it found.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("kernel_report.py compiles the kernels for sm_90a: run it without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq  # noqa: E402
+from kernels.flash_fwd import _attn_fwd  # noqa: E402
+from kernels.launch import KernelConfig, hopper_config  # noqa: E402
+
+MODEL_DIM = 2048                                   # as scripts/bench_attention.py
+KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+FP32_POINTERS = {"LSE", "Delta", "DQAcc", "DLse"}
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
+    """Triton's (signature, constexprs, attrs) for `fn` with these constexpr values: capitalized
+    arguments are tensors (bf16; fp32 for LSE, delta and the dQ accumulator; cu_seqlens absent),
+    *_scale are fp32, the rest int32, strides and lengths divisible by 16."""
+    sig, cons, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name], cons[(i,)] = "constexpr", constexprs[name]
+        elif name.startswith("CuSeqlens"):
+            sig[name], cons[(i,)] = "constexpr", None
+        elif name[0].isupper():
+            sig[name] = "*fp32" if name in FP32_POINTERS else "*bf16"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name.endswith("_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith(("stride_", "seqlen_")):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, cons, attrs
+
+
+def constexprs(pass_name: str, d: int, causal: bool, cfg: KernelConfig) -> dict:
+    heads = MODEL_DIM // d
+    c = dict(GROUP=1, HEAD_DIM=d, HEAD_DIM_PAD=d, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, IS_VARLEN=False,
+             HAS_LEFT=False, HAS_RIGHT=causal, PRECISION="tf32")
+    if pass_name == "dkdv":
+        return c | dict(NUM_KV_HEADS=heads, FUSED_DQ=False, COUNTED=cfg.counted)
+    return c | dict(NUM_HEADS=heads)
+
+
+def tool(name: str) -> str:
+    path = NVIDIA_BIN / name
+    if not path.exists():
+        sys.exit(f"{path} not found: this Triton install has no bundled {name}")
+    return str(path)
+
+
+def report(pass_name: str, d: int, causal: bool, cfg: KernelConfig) -> dict:
+    """Compile one kernel and read ptxas's and the SASS's account of it."""
+    fn = KERNELS[pass_name]
+    compiled = triton.compile(ASTSource(fn, *signature(fn, constexprs(pass_name, d, causal, cfg))),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        ptx.write_text(compiled.asm["ptx"])
+        cubin.write_bytes(compiled.asm["cubin"])
+        ptxas = subprocess.run([tool("ptxas"), "-v", "-arch=sm_90a", str(ptx), "-o", os.devnull],
+                               capture_output=True, text=True)
+        sass = subprocess.run([tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    log = ptxas.stderr
+    if ptxas.returncode:
+        raise RuntimeError(f"ptxas failed on {pass_name} D{d}: {log.strip()[:300]}")
+
+    def number(pattern):
+        m = re.search(pattern, log)
+        return int(m.group(1)) if m else 0
+
+    return dict(pass_name=pass_name, D=d, causal=causal, config=cfg.__dict__, registers=number(r"Used (\d+) registers"),
+                spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"),
+                serialized_wgmma="C7515" in log, hgmma=len(re.findall(r"\bHGMMA\b", sass)),
+                depbar=len(re.findall(r"WARPGROUP\.DEPBAR", sass)), shared_bytes=compiled.metadata.shared)
+
+
+def parse_config(text: str) -> tuple[str, KernelConfig]:
+    """'dkdv=64,128,8,3[,counted]' -> ('dkdv', KernelConfig(64, 128, 8, 3, counted=True))."""
+    pass_name, _, values = text.partition("=")
+    parts = values.split(",")
+    if pass_name not in KERNELS or len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] != "counted"):
+        raise argparse.ArgumentTypeError(f"--config {text!r}: expected PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted] "
+                                          f"with PASS one of {list(KERNELS)}")
+    try:
+        return pass_name, KernelConfig(*map(int, parts[:4]), counted=len(parts) == 5)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--config {text!r}: the four numbers must be integers") from None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs="+", default=[64, 128], choices=[64, 128, 256])
+    ap.add_argument("--causal", type=int, nargs="+", default=[0, 1], choices=[0, 1])
+    ap.add_argument("--passes", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    ap.add_argument("--config", type=parse_config, action="append", default=[],
+                    help="PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted] instead of the Hopper table entry (repeatable)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
+    args = ap.parse_args(argv)
+    chosen = dict(args.config)
+    rows = []
+    if not args.json:
+        print("| pass | D | causal | BLOCK_M, BLOCK_N, warps, stages | counted loop | registers | spill stores / loads "
+              "(bytes) | wgmma serialized (C7515) | HGMMA | DEPBAR waits | shared (bytes) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for d in args.dims:
+        for causal in map(bool, args.causal):
+            for pass_name in args.passes:
+                cfg = chosen.get(pass_name) or hopper_config(pass_name, d, causal)
+                r = report(pass_name, d, causal, cfg)
+                rows.append(r)
+                if args.json:
+                    print(json.dumps(r), flush=True)
+                else:
+                    c = r["config"]
+                    print(f"| {pass_name} | {d} | {int(causal)} | {c['BLOCK_M']}, {c['BLOCK_N']}, {c['num_warps']}, "
+                          f"{c['num_stages']} | {'yes' if c['counted'] else 'no'} | {r['registers']} | "
+                          f"{r['spill_stores']} / {r['spill_loads']} | {'**yes**' if r['serialized_wgmma'] else 'no'} | "
+                          f"{r['hgmma']} | {r['depbar']} | {r['shared_bytes']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
