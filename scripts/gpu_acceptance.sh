@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks behind the issues' closing notes, in one command (run on a CUDA machine):
-#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train] [memory]
+#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train] [memory] [kernel]
 # tests: the whole suite compiled on the GPU; bench: the kernel grid vs SDPA (make bench);
 # train: GPT-2 small at 16K context, 200 steps with our kernel and with SDPA, same seed and data;
 # memory: GPT-2 124M with and without the memory plan from 64K to 1M tokens, with what holds the
-# memory at the peak at 64K and 1M (bench_context.py --breakdown-at; ~6 minutes).
+# memory at the peak at 64K and 1M (bench_context.py --breakdown-at; ~7 minutes);
+# kernel: the compiler report, then the dK/dV sweep (counted loop candidates included) at d64/d128
+# 16K and the grid at 4K/16K with the winners, against FlexAttention and cuDNN (~5 minutes).
 set -uo pipefail
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -31,6 +33,11 @@ for s in "${steps[@]}"; do
     memory)
       $PY scripts/bench_context.py --configs flash+plan flash --start 65536 --max 1048576 \
         --breakdown-at 65536 1048576 --wandb none --out "$OUT/memory" 2>&1 | grep -v '^{"config"' | tail -60 ;;
-    *) echo "unknown step $s (tests | bench | train | memory)"; exit 2 ;;
+    kernel)
+      $PY scripts/kernel_report.py 2>&1 | tee "$OUT/kernel_report.md" | tail -14
+      $PY scripts/bench_attention.py --sweep --sweep-passes dkdv --sweep-seqlen 16384 --dims 64 128 \
+        --seqlens 4096 16384 --providers ours flex sdpa_cudnn sdpa_flash --out "$OUT/kernel" 2>&1 \
+        | grep -v '^{"D"' | grep -v '^  sweep' | tail -40 ;;
+    *) echo "unknown step $s (tests | bench | train | memory | kernel)"; exit 2 ;;
   esac
 done
