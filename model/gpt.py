@@ -148,8 +148,11 @@ class GPT(nn.Module):
     def _hidden(self, input_ids, position_ids=None, cu_seqlens=None, caches=None):
         """The forward pass up to the final norm; caches: one KVCache per block when generating."""
         B, T = input_ids.shape
+        rope = None
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            if self.rope is not None:   # every row starts at 0: the table's own rows, not a gathered copy
+                rope = self.rope.prefix(B, T, input_ids.device)
         if self.pos_emb is not None and T > self.config.seq_len:
             raise ValueError(f"sequence length {T} exceeds the learned position table (seq_len={self.config.seq_len})")
         if cu_seqlens is not None:
@@ -159,7 +162,8 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
         x = self.drop(x)
-        rope = self.rope(position_ids) if self.rope is not None else None   # shared by every layer
+        if rope is None and self.rope is not None:
+            rope = self.rope(position_ids)                           # shared by every layer
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cu_seqlens, caches[i] if caches is not None else None)
         return self.norm_f(x)                                        # (B, T, d_model)

@@ -164,6 +164,15 @@ def test_rope_relative_and_scaling():
     torch.testing.assert_close(scaled, plain)                    # linear interpolation: p -> p / 2
 
 
+def test_rope_prefix_is_the_table_not_a_copy():
+    rope = RotaryEmbedding(32, max_positions=16)
+    positions = torch.arange(40).expand(3, 40)
+    views, gathered = rope.prefix(3, 40, torch.device("cpu")), rope(positions)
+    for view, copy, table in zip(views, gathered, (rope.cos, rope.sin)):
+        torch.testing.assert_close(view, copy, rtol=0, atol=0)
+        assert view.shape == (3, 40, 32) and view.data_ptr() == table.data_ptr()   # no new storage
+
+
 def test_rope_yarn():
     """YaRN keeps the frequencies that turn more than 32 times over the original context, divides those
     that turn less than once by the factor, ramps between; the tables carry the (0.1 ln s + 1) scale."""
