@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
 from data.corpus import file_corpus, hub_corpus, resolve_data_files, stdlib_corpus
-from data.loader import BatchLoader
+from data.loader import PASSKEY_LENGTHS, BatchLoader
 from data.packing import PackedTokens, pack_corpus
 from data.tasks import PasskeyTask
 from data.tokenizer import SPECIAL_TOKENS, eot_token_id, get_tokenizer
@@ -54,6 +54,7 @@ class DataConfig:
     num_proc: int | None
     doc_masking: bool
     passkey_mix: float
+    passkey_lengths: str
     seed: int
 
     @classmethod
@@ -95,6 +96,11 @@ class DataConfig:
                f"must be in (0, 1), got {v['val_fraction']!r}")
         _check(_is_number(v["passkey_mix"]) and 0 <= v["passkey_mix"] <= 1, "passkey_mix",
                f"must be in [0, 1], got {v['passkey_mix']!r}")
+        _check(v["passkey_lengths"] in PASSKEY_LENGTHS, "passkey_lengths",
+               f"must be one of {PASSKEY_LENGTHS}, got {v['passkey_lengths']!r}")
+        _check(v["passkey_lengths"] != "mixed" or v["doc_masking"], "passkey_lengths",
+               "mixed packs several prompts into a row, which needs data.doc_masking=true (otherwise a "
+               "question also sees the other prompts' keys)")
 
         if v["source"] == "files":
             _check(len(v["paths"]) > 0, "paths", "source=files needs at least one path")
@@ -152,7 +158,8 @@ class DataBundle:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         mix = self.config.passkey_mix if split == "train" else 0.0
         return BatchLoader(getattr(self, split), batch_size, seq_len, seed, doc_masking=doc_masking,
-                           passkey=PasskeyTask(self.tokenizer) if mix > 0 else None, passkey_mix=mix)
+                           passkey=PasskeyTask(self.tokenizer) if mix > 0 else None, passkey_mix=mix,
+                           passkey_lengths=self.config.passkey_lengths)
 
 
 def load_corpus(config: DataConfig, cache_dir: Path) -> datasets.Dataset:

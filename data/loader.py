@@ -9,6 +9,9 @@ from data.packing import PackedTokens
 from data.tasks import PasskeyTask
 
 IGNORE_INDEX = -100
+# How long a passkey batch's prompts are: "full", one prompt of the row's length per row; "mixed",
+# prompts of log-uniform lengths up to the row's packed into each row as separate documents.
+PASSKEY_LENGTHS = ("full", "mixed")
 
 
 class BatchLoader:
@@ -38,13 +41,17 @@ class BatchLoader:
     row's T, so a passkey row mixed into a corpus batch would carry ~3 / T of a corpus row's weight
     (at T = 1K and half the rows, 0.3% of the loss; 0.02% at 16K). Per batch, `passkey_mix` is the
     fraction of optimizer steps, hence of the training loss, spent on retrieval at every T.
+    `passkey_lengths="mixed"` packs prompts of log-uniform lengths (from the shortest a prompt can be
+    up to T + 1) into each row, one document each (needs doc_masking): at a fixed token budget a
+    model trained at a long T otherwise sees few prompts (2 per 32K-token step at 16K against 32 at
+    1K), and none short enough to learn the task from first.
 
     Per step the cost is B memmap slices plus vectorised numpy over B*T: no Python loop over tokens
     (a passkey batch: B prompts concatenated from ids the task encoded once).
     """
 
     def __init__(self, packed: PackedTokens, batch_size: int, seq_len: int, seed: int, doc_masking: bool = True,
-                 passkey: PasskeyTask | None = None, passkey_mix: float = 0.0):
+                 passkey: PasskeyTask | None = None, passkey_mix: float = 0.0, passkey_lengths: str = "full"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seq_len < 1 or len(packed) < seq_len + 1:
@@ -56,6 +63,9 @@ class BatchLoader:
             raise ValueError(f"passkey_mix={passkey_mix}: must be in [0, 1], and > 0 only with a passkey task")
         if passkey_mix > 0 and seq_len + 1 < passkey.min_length:
             raise ValueError(f"seq_len={seq_len}: a passkey sample needs at least {passkey.min_length - 1}")
+        if passkey_lengths not in PASSKEY_LENGTHS or (passkey_lengths == "mixed" and not doc_masking):
+            raise ValueError(f"passkey_lengths={passkey_lengths!r}: must be one of {PASSKEY_LENGTHS}; "
+                             "mixed needs doc_masking")
         self.packed = packed
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -63,6 +73,7 @@ class BatchLoader:
         self.doc_masking = doc_masking
         self.passkey = passkey
         self.passkey_mix = passkey_mix
+        self.passkey_lengths = passkey_lengths
         self.step = 0
 
     def __iter__(self) -> BatchLoader:
@@ -110,18 +121,42 @@ class BatchLoader:
         }
 
     def _passkey_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """B passkey samples of T + 1 tokens (random key and depth each): input_ids the first T, targets
-        -100 except the answer tokens (target t is token t + 1), one segment per row."""
+        """Rows of passkey samples (random key and depth each): a sample of L + 1 tokens fills L
+        positions, its input the first L tokens, targets -100 except the answer tokens (target t is
+        token t + 1), one segment. "full": one sample of T + 1 per row; "mixed": samples of log-uniform
+        length packed until the row is full."""
         B, T = self.batch_size, self.seq_len
         input_ids = np.empty((B, T), dtype=np.int64)
         targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        position_ids = np.empty((B, T), dtype=np.int64)
+        starts = []
         for b in range(B):
-            sample = self.passkey.sample(T + 1, depth=rng.random(), rng=rng)
-            input_ids[b] = sample.input_ids[:-1]
-            targets[b, sample.answer_positions - 1] = sample.input_ids[sample.answer_positions]
+            for start, span in self._passkey_spans(rng):
+                sample = self.passkey.sample(span + 1, depth=rng.random(), rng=rng)
+                input_ids[b, start:start + span] = sample.input_ids[:-1]
+                targets[b, start + sample.answer_positions - 1] = sample.input_ids[sample.answer_positions]
+                position_ids[b, start:start + span] = np.arange(span)
+                starts.append(b * T + start)
         return {
             "input_ids": torch.from_numpy(input_ids),
             "targets": torch.from_numpy(targets),
-            "position_ids": torch.arange(T).expand(B, T).clone(),
-            "cu_seqlens": torch.arange(0, B * T + 1, T, dtype=torch.int32),
+            "position_ids": torch.from_numpy(position_ids),
+            "cu_seqlens": torch.from_numpy(np.array(starts + [B * T], dtype=np.int32)),
         }
+
+    def _passkey_spans(self, rng: np.random.Generator) -> list[tuple[int, int]]:
+        """(start, positions) of each sample in a row: the whole row, or log-uniform spans in
+        [min_length - 1, T] (a remainder too short for a sample joins the last span)."""
+        T = self.seq_len
+        if self.passkey_lengths == "full":
+            return [(0, T)]
+        shortest = self.passkey.min_length - 1
+        spans, used = [], 0
+        while used < T:
+            left = T - used
+            span = min(left, max(shortest, int(np.exp(rng.uniform(np.log(shortest), np.log(T + 1))))))
+            if left - span < shortest:   # what would remain cannot hold a sample
+                span = left
+            spans.append((used, span))
+            used += span
+        return spans

@@ -222,6 +222,31 @@ def test_passkey_mix_in(built):
     assert "pass key" not in bundle.tokenizer.decode(val["input_ids"][0].tolist())
 
 
+def test_passkey_mixed_lengths_pack_whole_prompts(built):
+    # passkey_lengths=mixed: each row holds several prompts of different lengths, each its own document
+    # (positions restart, cu_seqlens bound it), each ending with its own key as the only targets
+    bundle, _, _ = built
+    mixed = dataclasses.replace(bundle, config=dataclasses.replace(bundle.config, passkey_mix=1.0,
+                                                                    passkey_lengths="mixed"))
+    loader = mixed.loader("train", batch_size=3, seq_len=512, seed=0)
+    shortest = PasskeyTask(bundle.tokenizer).min_length - 1
+    spans = []
+    for step in range(4):
+        batch = loader.batch(step)
+        x, y, pos = batch["input_ids"].flatten(), batch["targets"].flatten(), batch["position_ids"].flatten()
+        cu = batch["cu_seqlens"].tolist()
+        assert cu[-1] == 3 * 512 and {0, 512, 1024} <= set(cu)   # every row starts a document too
+        for a, b in zip(cu[:-1], cu[1:]):
+            spans.append(b - a)
+            assert b - a >= shortest and torch.equal(pos[a:b], torch.arange(b - a))
+            labelled = (y[a:b] != -100).nonzero().flatten()
+            assert labelled.max() == b - a - 1                    # the answer ends the document
+            key = int(bundle.tokenizer.decode(y[a:b][labelled].tolist()))
+            text = bundle.tokenizer.decode(x[a:b].tolist() + [y[b - 1].item()])
+            assert f"The pass key is {key}. Remember it." in text and text.endswith(f"The pass key is {key}")
+    assert len(spans) > 12 and min(spans) < 256 < max(spans)   # several prompts a row, short and long
+
+
 def test_passkey_mix_is_the_share_of_the_loss(built):
     # The loss is a mean over a batch's targets: a passkey row (a few answer targets) inside a corpus
     # batch (T targets a row) would weigh ~nothing (E2 at 1K with half the rows: 0.3% of the loss, and
@@ -375,6 +400,8 @@ def test_mqar_batch_and_accuracy():
     ("stdlib", ["val_fraction=1.5"], "data.val_fraction"),
     ("stdlib", ["max_docs=1"], "data.max_docs"),
     ("stdlib", ["passkey_mix=2"], "data.passkey_mix"),
+    ("stdlib", ["passkey_lengths=long"], "data.passkey_lengths"),
+    ("stdlib", ["passkey_lengths=mixed", "doc_masking=false"], "data.passkey_lengths"),
     ("stdlib", ["doc_masking=maybe"], "data.doc_masking"),
     ("stdlib", ["tokenizer_path=/nonexistent/tokenizer.json"], "data.tokenizer_path"),
     ("stdlib", ["+colour=blue"], "data.colour"),
