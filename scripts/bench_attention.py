@@ -202,6 +202,13 @@ def main():
         for causal in map(bool, args.causal):
             log(f"correctness D{D} {'causal' if causal else 'full'} (rel. error vs fp32 math): {check_correct(D, causal)}")
             configs = sweep(D, causal, args.sweep_seqlen, log, args.sweep_passes) if args.sweep else {}
+            if configs:   # the winners before they are timed: a fast wrong kernel is not a result
+                with override_configs(**configs):
+                    err = check_correct(D, causal)
+                log(f"correctness D{D} {'causal' if causal else 'full'} with the swept parameters: {err}")
+                if max(err.values()) > 1e-2:   # bf16 against fp32 math is ~2e-3
+                    log("  WRONG: the swept parameters are dropped; the grid uses the launch tables")
+                    configs = {}
             used = {p: configs.get(p) or get_config(p, D, torch.bfloat16, torch.device("cuda"), causal)
                     for p in ("fwd", "dkdv", "dq", "dkdv_fused")}
             log(f"launch parameters D{D} {'causal' if causal else 'full'}: {used}")
