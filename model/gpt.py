@@ -149,10 +149,10 @@ class GPT(nn.Module):
         """The forward pass up to the final norm; caches: one KVCache per block when generating."""
         B, T = input_ids.shape
         rope = None
-        if position_ids is None:
+        if position_ids is None and self.rope is not None:   # rows start at 0: the table's rows, no gathered copy
+            rope = self.rope.prefix(B, T, input_ids.device)
+        elif position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-            if self.rope is not None:   # every row starts at 0: the table's own rows, not a gathered copy
-                rope = self.rope.prefix(B, T, input_ids.device)
         if self.pos_emb is not None and T > self.config.seq_len:
             raise ValueError(f"sequence length {T} exceeds the learned position table (seq_len={self.config.seq_len})")
         if cu_seqlens is not None:

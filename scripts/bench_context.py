@@ -146,13 +146,18 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
                 mfu=model.flops_per_token(seq_len) * tok_s / dev_peak if dev_peak else None)
 
 
+def label(name: str, compile: bool) -> str:
+    """A row's and a wandb run's name: the configuration, +compile when torch.compile'd."""
+    return name + "+compile" if compile else name
+
+
 def point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device, breakdown: bool = False,
           compile: bool = False) -> dict:
     """One row: run_point's measurements and status "ok", or only the status ("OOM", "error: ...").
     breakdown (CUDA): also what held the memory at the peak (training/memory_breakdown.py), from
     before the model is built, so parameters and AdamW state are attributed too; after an
     out-of-memory error, what filled the device."""
-    row = dict(config=name + ("+compile" if compile else ""), seq_len=seq_len, status="ok")
+    row = dict(config=label(name, compile), seq_len=seq_len, status="ok")
     recorder = PeakBreakdown() if breakdown and device.type == "cuda" else contextlib.nullcontext()
     try:
         try:
@@ -190,7 +195,7 @@ def sweep(configs: list[str], model_name: str, start: int, max_len: int, steps: 
     rows = []
     for name in configs:
         attention, sdpa_backend, (checkpointing, seq_chunk, loss_chunk) = backend(name, device)
-        run_name = name + ("+compile" if compile else "")
+        run_name = label(name, compile)
         logger = RunLogger(OmegaConf.create(dict(mode=wandb, project=project, group=group, name=run_name, dir=str(out))),
                            out / run_name, dict(config=run_name, model=model_name, compile=compile, **MODELS[model_name], attention=attention,
                                             sdpa_backend=sdpa_backend, activation_checkpointing=checkpointing,
