@@ -1,12 +1,14 @@
 """FlashAttention backward in Triton: recompute P from Q, K and the saved LSE; nothing N x N is stored.
 
-Three launches (two with ``deterministic=False``):
-- ``_attn_bwd_preprocess``: delta = rowsum(dO * O) (minus dLSE when the LSE itself gets a gradient,
-  since d lse_i / d s_ij = p_ij).
-- ``_attn_bwd_dkdv``: one program per key block of one KV head; it walks every query head of its
-  GQA group and the query blocks that see it, so dK/dV are summed over the group in fp32 registers
-  with no atomics.
-- ``_attn_bwd_dq``: one program per query block; walks the key blocks like the forward.
+``_attn_bwd_preprocess`` first: delta = rowsum(dO * O) (minus dLSE when the LSE itself gets a
+gradient, since d lse_i / d s_ij = p_ij). Then ``_attn_bwd``, whose programs are of two kinds:
+- dK/dV programs (``_attn_bwd_dkdv_program``): one per key block of one KV head; each walks every
+  query head of its GQA group and the query blocks that see it, so dK/dV are summed over the group
+  in fp32 registers with no atomics.
+- dQ programs (``_attn_bwd_dq_program``): one per query block; each walks the key blocks like the
+  forward.
+The launcher runs them as two launches (dK/dV, then dQ) or as one grid holding both kinds
+(``PROGRAMS="both"``, as FlexAttention's backward); the launch table picks.
 Seven matrix products per tile pair instead of five with an atomic fp32 dQ: deterministic, and each
 pass is tuned on its own. ``FUSED_DQ`` is the five-product variant (FlashAttention-2's): the dK/dV
 pass also computes each tile pair's dS K and adds it into an fp32 dQ with relaxed atomics, and the
@@ -130,23 +132,18 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeqlensQ, CuSeqlensK,
-                   sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_n_blocks,
-                   stride_qb, stride_qm, stride_qh,
-                   stride_kb, stride_kn, stride_kh,
-                   stride_vb, stride_vn, stride_vh,
-                   stride_dob, stride_dom, stride_doh,
-                   stride_dkb, stride_dkn, stride_dkh,
-                   stride_dvb, stride_dvn, stride_dvh,
-                   stride_dqb, stride_dqm, stride_dqh,
-                   stride_lb, stride_lh,
-                   NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                   PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr):
-    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HEAD_DIM_PAD >= 16)
-    pid = tl.program_id(0)
+def _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeqlensQ, CuSeqlensK,
+                           sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_n_blocks,
+                           stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                           stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                           stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                           stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                           NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                           PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr):
+    """dK and dV of one key block of one KV head (program `pid` of the dK/dV grid)."""
     pid_bh = pid // num_n_blocks
     pid_n = pid % num_n_blocks
     b = pid_bh // NUM_KV_HEADS
@@ -154,53 +151,52 @@ def _attn_bwd_dkdv(Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeqlensQ, CuSeqle
     q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CuSeqlensQ, CuSeqlensK, seqlen_q, seqlen_k,
                                                             IS_VARLEN)
     start_n = pid_n * BLOCK_N
-    if start_n >= seqlen_k:
-        return
-    b64 = b.to(tl.int64)
-    k_row0 = (k_start + start_n).to(tl.int64)
-    offs_c = tl.arange(0, BLOCK_N)
-    offs_n = start_n + offs_c
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    kv_mask = (offs_n < seqlen_k)[:, None] & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_row0 * stride_kn
-                + offs_c[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_row0 * stride_vn
-                + offs_c[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    if start_n < seqlen_k:   # varlen: blocks past this document's end have nothing to do
+        b64 = b.to(tl.int64)
+        k_row0 = (k_start + start_n).to(tl.int64)
+        offs_c = tl.arange(0, BLOCK_N)
+        offs_n = start_n + offs_c
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        kv_mask = (offs_n < seqlen_k)[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_row0 * stride_kn
+                    + offs_c[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + k_row0 * stride_vn
+                    + offs_c[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
 
-    lo, mid_lo, mid_hi, hi = _q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
-                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    q_row0 = q_start.to(tl.int64)
-    for g in range(GROUP):
-        h = (hk * GROUP + g).to(tl.int64)
-        q_base = Q + b64 * stride_qb + h * stride_qh + q_row0 * stride_qm
-        do_base = DOut + b64 * stride_dob + h * stride_doh + q_row0 * stride_dom
-        lse_base = LSE + b64 * stride_lb + h * stride_lh + q_row0
-        delta_base = Delta + b64 * stride_lb + h * stride_lh + q_row0
-        dq_base = DQAcc + b64 * stride_dqb + h * stride_dqh + q_row0 * stride_dqm
-        if HAS_RIGHT:  # query rows entering at the diagonal / right window edge: masked
+        lo, mid_lo, mid_hi, hi = _q_block_range(start_n, seqlen_q, seqlen_k, window_left, window_right,
+                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        q_row0 = q_start.to(tl.int64)
+        for g in range(GROUP):
+            h = (hk * GROUP + g).to(tl.int64)
+            q_base = Q + b64 * stride_qb + h * stride_qh + q_row0 * stride_qm
+            do_base = DOut + b64 * stride_dob + h * stride_doh + q_row0 * stride_dom
+            lse_base = LSE + b64 * stride_lb + h * stride_lh + q_row0
+            delta_base = Delta + b64 * stride_lb + h * stride_lh + q_row0
+            dq_base = DQAcc + b64 * stride_dqb + h * stride_dqh + q_row0 * stride_dqm
+            if HAS_RIGHT:  # query rows entering at the diagonal / right window edge: masked
+                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                              stride_qm, stride_dom, stride_dqm, offs_n, offs_d, lo, mid_lo,
+                                              seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
+                                              BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
+                                              PRECISION, FUSED_DQ, COUNTED)
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
-                                          stride_qm, stride_dom, stride_dqm, offs_n, offs_d, lo, mid_lo,
+                                          stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_lo, mid_hi,
+                                          seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
+                                          BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
+                                          PRECISION, FUSED_DQ, COUNTED)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                          stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_hi, hi,
                                           seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                                           BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
                                           PRECISION, FUSED_DQ, COUNTED)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
-                                      stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_lo, mid_hi,
-                                      seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
-                                      BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
-                                      PRECISION, FUSED_DQ, COUNTED)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
-                                      stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_hi, hi,
-                                      seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
-                                      BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                      PRECISION, FUSED_DQ, COUNTED)
-    dk_base = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkn
-    dv_base = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvn
-    tl.store(dk_base + offs_c[:, None] * stride_dkn + offs_d[None, :],
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_base + offs_c[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+        dk_base = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkn
+        dv_base = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvn
+        tl.store(dk_base + offs_c[:, None] * stride_dkn + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_base + offs_c[:, None] * stride_dvn + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -240,21 +236,17 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK,
-                 sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_m_blocks,
-                 stride_qb, stride_qm, stride_qh,
-                 stride_kb, stride_kn, stride_kh,
-                 stride_vb, stride_vn, stride_vh,
-                 stride_dob, stride_dom, stride_doh,
-                 stride_dqb, stride_dqm, stride_dqh,
-                 stride_lb, stride_lh,
-                 NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HEAD_DIM_PAD >= 16)
-    pid = tl.program_id(0)
+def _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK,
+                         sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_m_blocks,
+                         stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                         stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                         stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """dQ of one query block of one head (program `pid` of the dQ grid; longest rows first)."""
     pid_bh = pid // num_m_blocks
     pid_m = num_m_blocks - 1 - pid % num_m_blocks
     b = pid_bh // NUM_HEADS
@@ -263,43 +255,106 @@ def _attn_bwd_dq(Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK,
     q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CuSeqlensQ, CuSeqlensK, seqlen_q, seqlen_k,
                                                             IS_VARLEN)
     start_m = pid_m * BLOCK_M
-    if start_m >= seqlen_q:
-        return
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    q_row0 = (q_start + start_m).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_m = start_m + offs_r
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row_ok = offs_m < seqlen_q
-    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + q_row0 * stride_qm
-                + offs_r[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + q_row0 * stride_dom
-                 + offs_r[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
-    l_off = b64 * stride_lb + h64 * stride_lh + q_row0 + offs_r
-    lse = tl.load(LSE + l_off, mask=row_ok, other=0.0)
-    delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_kn + hk.to(tl.int64) * stride_kh
-    v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vn + hk.to(tl.int64) * stride_vh
-    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if start_m < seqlen_q:
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        q_row0 = (q_start + start_m).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_M)
+        offs_m = start_m + offs_r
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        row_ok = offs_m < seqlen_q
+        q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + q_row0 * stride_qm
+                    + offs_r[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DOut + b64 * stride_dob + h64 * stride_doh + q_row0 * stride_dom
+                     + offs_r[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+        l_off = b64 * stride_lb + h64 * stride_lh + q_row0 + offs_r
+        lse = tl.load(LSE + l_off, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_kn + hk.to(tl.int64) * stride_kh
+        v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vn + hk.to(tl.int64) * stride_vh
+        dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-    lo, mid_lo, mid_hi, hi = _kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
-                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if HAS_LEFT:
+        lo, mid_lo, mid_hi, hi = _kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
+                                                 BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        if HAS_LEFT:
+            dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
+                                    offs_m, offs_d, lo, mid_lo, seqlen_q, seqlen_k, window_left,
+                                    window_right, qk_scale,
+                                    BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT, PRECISION)
         dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
-                                offs_m, offs_d, lo, mid_lo, seqlen_q, seqlen_k, window_left,
+                                offs_m, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, window_left,
+                                window_right, qk_scale,
+                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT, PRECISION)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
+                                offs_m, offs_d, mid_hi, hi, seqlen_q, seqlen_k, window_left,
                                 window_right, qk_scale,
                                 BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT, PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
-                            offs_m, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, window_left,
-                            window_right, qk_scale,
-                            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT, PRECISION)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
-                            offs_m, offs_d, mid_hi, hi, seqlen_q, seqlen_k, window_left,
-                            window_right, qk_scale,
-                            BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT, PRECISION)
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_row0 * stride_dqm
-             + offs_r[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=q_mask)
+        tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_row0 * stride_dqm
+                 + offs_r[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=q_mask)
+
+
+@triton.jit
+def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
+              sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right,
+              num_n_blocks, num_m_blocks, num_dkdv_programs,
+              stride_qb, stride_qm, stride_qh,
+              stride_kb, stride_kn, stride_kh,
+              stride_vb, stride_vn, stride_vh,
+              stride_dob, stride_dom, stride_doh,
+              stride_dkb, stride_dkn, stride_dkh,
+              stride_dvb, stride_dvn, stride_dvh,
+              stride_dqb, stride_dqm, stride_dqh,
+              stride_lb, stride_lh,
+              NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+              IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr, PROGRAMS: tl.constexpr):
+    """The backward's grid. PROGRAMS "dkdv": every program is a dK/dV program (BLOCK_M1 x BLOCK_N1
+    tiles; with FUSED_DQ it also adds dQ into the fp32 DQ); "dq": every program is a dQ program
+    (BLOCK_M2 x BLOCK_N2); "both": the first num_dkdv_programs are dK/dV programs and the rest dQ
+    programs, one launch for the whole backward (as FlexAttention's)."""
+    tl.static_assert(BLOCK_M1 >= 16 and BLOCK_N1 >= 16 and BLOCK_M2 >= 16 and BLOCK_N2 >= 16)
+    tl.static_assert(HEAD_DIM_PAD >= 16)
+    pid = tl.program_id(0)
+    if PROGRAMS == "dkdv":
+        _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
+                               sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_n_blocks,
+                               stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                               stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                               stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                               stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                               NUM_HEADS // GROUP, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M1, BLOCK_N1,
+                               IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ, COUNTED)
+    elif PROGRAMS == "dq":
+        _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK,
+                             sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_m_blocks,
+                             stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                             stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                             stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                             NUM_HEADS, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M2, BLOCK_N2,
+                             IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION)
+    else:
+        tl.static_assert(PROGRAMS == "both" and not FUSED_DQ)
+        if pid < num_dkdv_programs:
+            _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
+                                   sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right,
+                                   num_n_blocks,
+                                   stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                                   stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                                   stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+                                   stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                                   NUM_HEADS // GROUP, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M1, BLOCK_N1,
+                                   IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, False, COUNTED)
+        else:
+            _attn_bwd_dq_program(pid - num_dkdv_programs, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ,
+                                 CuSeqlensK, sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right,
+                                 num_m_blocks,
+                                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
+                                 stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
+                                 stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                                 NUM_HEADS, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M2, BLOCK_N2,
+                                 IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION)

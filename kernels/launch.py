@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from .flash_bwd import _attn_bwd, _attn_bwd_preprocess
 from .flash_fwd import _attn_fwd
 
 # Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at import: record it once.
@@ -34,13 +34,14 @@ class KernelConfig:
 _SM90 = {
     "fwd": {64: KernelConfig(128, 64, 8, 4), 128: KernelConfig(128, 64, 8, 4),
             256: KernelConfig(64, 64, 8, 2)},
-    "dkdv": {64: KernelConfig(64, 128, 8, 3), 128: KernelConfig(64, 128, 8, 3),
+    "dkdv": {64: KernelConfig(64, 128, 8, 3, counted=True), 128: KernelConfig(64, 128, 8, 2, counted=True),
              256: KernelConfig(32, 64, 8, 1)},
     "dq": {64: KernelConfig(128, 64, 8, 3), 128: KernelConfig(128, 64, 8, 3),
            256: KernelConfig(64, 32, 8, 1)},
 }
 # Where the best parameters differ without the causal mask: {(pass, head dim): config}.
-_SM90_NONCAUSAL: dict[tuple[str, int], KernelConfig] = {}
+_SM90_NONCAUSAL: dict[tuple[str, int], KernelConfig] = {
+    ("dkdv", 64): KernelConfig(32, 64, 4, 3), ("dkdv", 128): KernelConfig(64, 128, 8, 3)}
 # Ampere / Ada and anything else: less shared memory, so shallower pipelines.
 _GENERIC = {
     "fwd": {64: KernelConfig(128, 64, 4, 2), 128: KernelConfig(128, 32, 8, 2),
@@ -63,10 +64,48 @@ _INTERPRETER = KernelConfig(32, 16, 1, 1)
 # deterministic split (fwd+bwd d128 causal 16K: 354 vs 400 TFLOP/s).
 for _table in (_SM90, _GENERIC, _FP32):
     _table["dkdv_fused"] = dict(_table["dkdv"]) if isinstance(_table["dkdv"], dict) else _table["dkdv"]
+_SM90["dkdv_fused"][64] = KernelConfig(64, 128, 8, 3)
 _SM90["dkdv_fused"][128] = KernelConfig(64, 128, 8, 2)
 _SM90_NONCAUSAL[("dkdv_fused", 128)] = KernelConfig(64, 128, 8, 3)
 
 _overrides: dict[str, KernelConfig] = {}
+
+
+def parse_launch_spec(text: str) -> tuple[str, KernelConfig]:
+    """'dkdv=64,128,8,3[,counted]' -> ('dkdv', KernelConfig(64, 128, 8, 3, counted=True)): benchmark and
+    compiler-report arguments."""
+    pass_name, _, values = text.partition("=")
+    parts = values.split(",")
+    if not pass_name or len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] != "counted"):
+        raise ValueError(f"{text!r}: expected PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted]")
+    try:
+        return pass_name, KernelConfig(*map(int, parts[:4]), counted=len(parts) == 5)
+    except ValueError:
+        raise ValueError(f"{text!r}: BLOCK_M, BLOCK_N, WARPS and STAGES must be integers") from None
+
+# Where the whole deterministic backward runs as one launch (dK/dV and dQ programs in one grid, with
+# the dK/dV parameters' warps and stages) instead of two: {(head dim, causal)}, from the H100.
+_SM90_ONE_LAUNCH: set[tuple[int, bool]] = set()
+_one_launch_override: list[bool | None] = [None]
+
+
+@contextlib.contextmanager
+def override_one_launch(flag: bool):
+    """Force the backward into one launch (True) or two (False): tests and benchmarks."""
+    old = _one_launch_override[0]
+    _one_launch_override[0] = flag
+    try:
+        yield
+    finally:
+        _one_launch_override[0] = old
+
+
+def use_one_launch(head_dim_pad: int, dtype: torch.dtype, device: torch.device, causal: bool) -> bool:
+    if _one_launch_override[0] is not None:
+        return _one_launch_override[0]
+    if device.type != "cuda" or dtype == torch.float32 or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    return (max(64, head_dim_pad), causal) in _SM90_ONE_LAUNCH
 
 
 @contextlib.contextmanager
@@ -194,30 +233,32 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
             NUM_HEADS=nheads, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M=pre_block,
             HAS_DLSE=dlse is not None)
 
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, IS_VARLEN=varlen,
-                  HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PRECISION=_precision(q.dtype))
     cfg = get_config("dkdv_fused" if fused else "dkdv", d_pad, q.dtype, q.device, right >= 0)
+    cfg_dq = cfg if fused else get_config("dq", d_pad, q.dtype, q.device, right >= 0)
     num_n = triton.cdiv(seqlen_k, cfg.BLOCK_N)
-    if num_n * batch * nheads_k > 0:
-        _attn_bwd_dkdv[(num_n * batch * nheads_k,)](
-            q, k, v, dout, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k,
-            scale, scale * LOG2E, seqlen_q, seqlen_k, left, right, num_n,
-            *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
-            *_seq_strides(dout, varlen), *_seq_strides(dk, varlen), *_seq_strides(dv, varlen),
-            *_seq_strides(dq, varlen), *lse_strides, NUM_KV_HEADS=nheads_k, GROUP=nheads // nheads_k,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, FUSED_DQ=fused, COUNTED=cfg.counted, **common,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    num_m = triton.cdiv(seqlen_q, cfg_dq.BLOCK_M)
+    n_dkdv, n_dq = num_n * batch * nheads_k, num_m * batch * nheads
+
+    def launch(programs, grid, launch_cfg):
+        if grid > 0:
+            _attn_bwd[(grid,)](
+                q, k, v, dout, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k,
+                scale, scale * LOG2E, seqlen_q, seqlen_k, left, right, num_n, num_m, n_dkdv,
+                *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
+                *_seq_strides(dout, varlen), *_seq_strides(dk, varlen), *_seq_strides(dv, varlen),
+                *_seq_strides(dq, varlen), *lse_strides, NUM_HEADS=nheads, GROUP=nheads // nheads_k,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M1=cfg.BLOCK_M, BLOCK_N1=cfg.BLOCK_N,
+                BLOCK_M2=cfg_dq.BLOCK_M, BLOCK_N2=cfg_dq.BLOCK_N, IS_VARLEN=varlen,
+                HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PRECISION=_precision(q.dtype),
+                FUSED_DQ=fused, COUNTED=cfg.counted, PROGRAMS=programs,
+                num_warps=launch_cfg.num_warps, num_stages=launch_cfg.num_stages)
+
     if fused:
+        launch("dkdv", n_dkdv, cfg)
         return dq.to(q.dtype), dk, dv
-    cfg = get_config("dq", d_pad, q.dtype, q.device, right >= 0)
-    num_m = triton.cdiv(seqlen_q, cfg.BLOCK_M)
-    if num_m * batch * nheads > 0:
-        _attn_bwd_dq[(num_m * batch * nheads,)](
-            q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
-            scale, scale * LOG2E, seqlen_q, seqlen_k, left, right, num_m,
-            *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
-            *_seq_strides(dout, varlen), *_seq_strides(dq, varlen),
-            *lse_strides, NUM_HEADS=nheads, GROUP=nheads // nheads_k,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **common,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if use_one_launch(d_pad, q.dtype, q.device, right >= 0):
+        launch("both", n_dkdv + n_dq, cfg)   # the dK/dV parameters' warps and stages for both kinds
+    else:
+        launch("dkdv", n_dkdv, cfg)
+        launch("dq", n_dq, cfg_dq)
     return dq, dk, dv

@@ -10,6 +10,7 @@ N >= 16K), H * D = 2048. FLOPs: forward 4 * B * H * N^2 * D, halved when causal;
 this same process on the same inputs. Results go to --out as JSON and CSV, with a PNG plot.
 """
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -25,7 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import flash_attn_func  # noqa: E402
-from kernels.launch import KernelConfig, get_config, override_configs  # noqa: E402
+from kernels.launch import (KernelConfig, get_config, override_configs, override_one_launch,  # noqa: E402
+                            parse_launch_spec)
 
 TOKENS, MODEL_DIM = 16384, 2048
 
@@ -39,8 +41,37 @@ def standard_attention(q, k, v, causal):
     return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
 
 
-def make_providers(causal, n, flex_ok):
-    """name -> (layout, fn). layout 'bnhd' is ours; 'bhnd' is PyTorch's."""
+def _with_context(fn, context):
+    """fn, timed inside `context()` (a launch setting that must hold for the backward too)."""
+    fn.context = context
+    return fn
+
+
+def variant(name, causal):
+    """'ours_2launch+dkdv=64,128,8,2,counted[+dq=...]' (or ours / ours_1launch): ours with these launch
+    parameters, for same-run comparisons of launch-table candidates."""
+    base, *specs = name.split("+")
+    if base not in ("ours", "ours_1launch", "ours_2launch") or not specs:
+        raise ValueError(f"provider {name!r}: expected ours[_1launch|_2launch]+PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted]")
+    configs = dict(parse_launch_spec(spec) for spec in specs)
+    one = {"ours": None, "ours_1launch": True, "ours_2launch": False}[base]
+
+    @contextlib.contextmanager
+    def context():
+        with override_configs(**configs), (override_one_launch(one) if one is not None else contextlib.nullcontext()):
+            yield
+    return "bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), context)
+
+
+def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=()):
+    """name -> (layout, fn). layout 'bnhd' is ours; 'bhnd' is PyTorch's. one_launch_dkdv: the dK/dV
+    parameters for ours_1launch (the "bwd" sweep's winner); variants: names for variant()."""
+    @contextlib.contextmanager
+    def one_launch():
+        with override_one_launch(True), (override_configs(dkdv=one_launch_dkdv) if one_launch_dkdv
+                                         else contextlib.nullcontext()):
+            yield
+
     def sdpa(backend):
         def fn(q, k, v):
             with sdpa_kernel(backend):
@@ -51,6 +82,10 @@ def make_providers(causal, n, flex_ok):
         "ours": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal)),
         # five-product backward with an atomic fp32 dQ (its forward is ours)
         "ours_atomic": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=False)),
+        # the deterministic backward forced into one launch (dK/dV and dQ programs in one grid) / two
+        "ours_1launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), one_launch)),
+        "ours_2launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
+                                               lambda: override_one_launch(False))),
         "sdpa_flash": ("bhnd", sdpa(SDPBackend.FLASH_ATTENTION)),
         "sdpa_cudnn": ("bhnd", sdpa(SDPBackend.CUDNN_ATTENTION)),
         "standard": ("bhnd", lambda q, k, v: standard_attention(q, k, v, causal)),
@@ -66,11 +101,13 @@ def make_providers(causal, n, flex_ok):
             mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n,
                                      device="cuda")
         providers["flex"] = ("bhnd", lambda q, k, v: flex(q, k, v, block_mask=mask))
+    for name in variants:
+        providers[name] = variant(name, causal)
     return providers
 
 
-def bench_one(fn, layout, B, N, H, D, causal, mode, dtype=torch.bfloat16):
-    """Median ms and peak extra memory (GiB) of one provider at one point; 'OOM' on out of memory."""
+def _setup(fn, layout, B, N, H, D, mode, dtype=torch.bfloat16):
+    """Inputs for one point and the step to time: forward, or forward and backward."""
     shape = (B, N, H, D) if layout == "bnhd" else (B, H, N, D)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen).requires_grad_(mode == "fwd_bwd")
@@ -82,22 +119,64 @@ def bench_one(fn, layout, B, N, H, D, causal, mode, dtype=torch.bfloat16):
                 fn(q, k, v)
     else:
         def step():
+            for t in (q, k, v):
+                t.grad = None
             fn(q, k, v).backward(dout)
+    return step, (q, k, v)
+
+
+def bench_one(fn, layout, B, N, H, D, causal, mode, dtype=torch.bfloat16):
+    """Median ms and peak extra memory (GiB) of one provider at one point; 'OOM' on out of memory."""
+    step, inputs = _setup(fn, layout, B, N, H, D, mode, dtype)
     try:
-        step()  # compile / warm
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        ms = triton.testing.do_bench(step, warmup=50, rep=200, grad_to_none=[q, k, v], return_mode="median")
+        with getattr(fn, "context", contextlib.nullcontext)():
+            step()  # compile / warm
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            ms = triton.testing.do_bench(step, warmup=50, rep=200, grad_to_none=list(inputs), return_mode="median")
     except torch.OutOfMemoryError:
         return "OOM", "OOM"
     finally:
-        del q, k, v, dout
+        del inputs, step
         torch.cuda.empty_cache()
     return ms, peak
+
+
+def profile_one(fn, layout, B, N, H, D, steps=10):
+    """GPU time per kernel of one forward+backward step (ms, mean of `steps`), from the CUDA profiler.
+    A kernel launched c times per step is reported as name#0 .. name#(c-1) in launch order (ours:
+    _attn_bwd#0 is the dK/dV launch, #1 the dQ launch, when the backward takes two)."""
+    from torch.profiler import ProfilerActivity, profile
+    step, inputs = _setup(fn, layout, B, N, H, D, "fwd_bwd")
+    with getattr(fn, "context", contextlib.nullcontext)():
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    return kernel_times(prof.events(), steps)
+
+
+def kernel_times(events, steps):
+    """{kernel label: ms per step} from profiler events (see profile_one)."""
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    by_name = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:70], []).append(e.time_range.elapsed_us())
+    times = {}
+    for name, durations in by_name.items():
+        per_step = max(1, len(durations) // steps)
+        for i, us in enumerate(durations):
+            label = name if per_step == 1 else f"{name}#{i % per_step}"
+            times[label] = times.get(label, 0.0) + us / 1000 / steps
+    return times
 
 
 def flops(B, N, H, D, causal, mode):
@@ -135,11 +214,16 @@ SWEEP = {
 # the atomic-dQ dK/dV pass (deterministic=False) holds a dQ tile as well: the dK/dV candidates
 # (16 warps: Flex's Hopper heuristic for d128; 23-47% slower for us, docs/perf-notes.md)
 SWEEP["dkdv_fused"] = [c for c in SWEEP["dkdv"] if c[2] != 16]
+# the one-launch backward (ours_1launch): its dK/dV parameters, whose warps and stages the dQ
+# programs share (dQ's tiles stay at the dq entry)
+SWEEP["bwd"] = [(64, 128, 8, 3, True), (64, 128, 8, 2, True), (64, 128, 8, 3), (64, 128, 8, 2),
+                (32, 128, 8, 3, True), (64, 64, 8, 3, True), (128, 128, 8, 2, True)]
 
 
 def sweep(D, causal, N, log, passes=tuple(SWEEP)):
     """Best launch parameters for each pass at one point: fwd timed alone; dkdv / dq by fwd+bwd with
-    the other backward pass at its current setting; dkdv_fused by fwd+bwd with deterministic=False."""
+    the other backward pass at its current setting (two launches); dkdv_fused by fwd+bwd with
+    deterministic=False; bwd by fwd+bwd in one launch (the dK/dV parameters it takes)."""
     H, B = MODEL_DIM // D, max(1, TOKENS // N)
     best = {}
     for pass_name in passes:
@@ -148,8 +232,10 @@ def sweep(D, causal, N, log, passes=tuple(SWEEP)):
         results = []
         for c in SWEEP[pass_name]:
             cfg = KernelConfig(*c)
+            key = "dkdv" if pass_name == "bwd" else pass_name
+            launches = override_one_launch(pass_name == "bwd") if pass_name != "fwd" else contextlib.nullcontext()
             try:
-                with override_configs(**{pass_name: cfg}, **best):
+                with override_configs(**{**best, key: cfg}), launches:
                     ms, _ = bench_one(lambda q, k, v: flash_attn_func(q, k, v, causal=causal,
                                                                       deterministic=deterministic),
                                       "bnhd", B, N, H, D, causal, mode)
@@ -181,6 +267,11 @@ def main():
     ap.add_argument("--sweep-seqlen", type=int, default=8192)
     ap.add_argument("--sweep-passes", nargs="+", choices=list(SWEEP), default=list(SWEEP),
                     help="passes to search (the others keep their launch-table settings)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time every provider this many times per point, interleaved; the table shows the "
+                         "median and +- half the spread (METHOD.md: a difference inside the spread is noise)")
+    ap.add_argument("--profile-seqlens", type=int, nargs="*", default=[],
+                    help="also profile one forward+backward step per provider at these lengths: GPU ms per kernel")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -197,26 +288,31 @@ def main():
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()}
     log(json.dumps(env))
-    rows = []
+    rows, profiles = [], []
     for D in args.dims:
         for causal in map(bool, args.causal):
             log(f"correctness D{D} {'causal' if causal else 'full'} (rel. error vs fp32 math): {check_correct(D, causal)}")
             configs = sweep(D, causal, args.sweep_seqlen, log, args.sweep_passes) if args.sweep else {}
             if configs:   # the winners before they are timed: a fast wrong kernel is not a result
-                with override_configs(**configs):
+                with override_configs(**configs), override_one_launch(False):
                     err = check_correct(D, causal)
+                if "bwd" in configs:
+                    with override_configs(**{**configs, "dkdv": configs["bwd"]}), override_one_launch(True):
+                        err = {n: max(e, e1) for (n, e), e1 in zip(err.items(), check_correct(D, causal).values())}
                 log(f"correctness D{D} {'causal' if causal else 'full'} with the swept parameters: {err}")
                 if max(err.values()) > 1e-2:   # bf16 against fp32 math is ~2e-3
                     log("  WRONG: the swept parameters are dropped; the grid uses the launch tables")
                     configs = {}
             used = {p: configs.get(p) or get_config(p, D, torch.bfloat16, torch.device("cuda"), causal)
                     for p in ("fwd", "dkdv", "dq", "dkdv_fused")}
+            used["bwd (ours_1launch's dkdv)"] = configs.get("bwd") or used["dkdv"]
             log(f"launch parameters D{D} {'causal' if causal else 'full'}: {used}")
             for N in args.seqlens:
                 B, H = max(1, TOKENS // N), MODEL_DIM // D
                 flex_ok = "flex" in args.providers and (0 in args.flex_seqlens or N in args.flex_seqlens)
-                providers = make_providers(causal, N, flex_ok)
-                for name in args.providers:
+                providers = make_providers(causal, N, flex_ok, configs.get("bwd"),
+                                           [p for p in args.providers if "+" in p])
+                for rep, name in ((r, p) for r in range(args.repeats) for p in args.providers):
                     if name not in providers:
                         continue
                     layout, fn = providers[name]
@@ -227,11 +323,20 @@ def main():
                             except Exception as e:  # noqa: BLE001 - a backend that refuses a shape is a result
                                 ms = peak = f"error: {type(e).__name__}"
                         tf = flops(B, N, H, D, causal, mode) / ms / 1e9 if isinstance(ms, float) else None
-                        row = dict(D=D, causal=causal, N=N, B=B, H=H, provider=name, mode=mode, ms=ms,
+                        row = dict(D=D, causal=causal, N=N, B=B, H=H, provider=name, mode=mode, rep=rep, ms=ms,
                                    tflops=tf, peak_gib=peak)
                         rows.append(row)
                         log(json.dumps(row))
-    (out_dir / "bench.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+                if N in args.profile_seqlens:
+                    for name in args.providers:
+                        if name in providers and name != "standard":
+                            layout, fn = providers[name]
+                            with override_configs(**configs):
+                                times = profile_one(fn, layout, B, N, H, D)
+                            profiles.append(dict(D=D, causal=causal, N=N, provider=name, kernels_ms=times))
+                            log(f"profile D{D} {'causal' if causal else 'full'} N{N} {name}: total "
+                                f"{sum(times.values()):.3f} ms; " + "; ".join(f"{k} {v:.3f}" for k, v in times.items()))
+    (out_dir / "bench.json").write_text(json.dumps({"env": env, "rows": rows, "profiles": profiles}, indent=1))
     with open(out_dir / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -241,8 +346,14 @@ def main():
     plot(rows, env, out_dir / "bench.png")
 
 
-def _cell(r):
-    return f"{r['tflops']:.0f}" if r and r["tflops"] else (str(r["ms"])[:5] if r else "-")
+def _summary(rs):
+    """One provider at one point over its repeats: median TFLOP/s and half the spread, or the error."""
+    tfs = sorted(r["tflops"] for r in rs if r["tflops"])
+    if not tfs:
+        return None, 0.0, (str(rs[0]["ms"])[:5] if rs else "-")
+    med = tfs[len(tfs) // 2] if len(tfs) % 2 else (tfs[len(tfs) // 2 - 1] + tfs[len(tfs) // 2]) / 2
+    half = (tfs[-1] - tfs[0]) / 2
+    return med, half, f"{med:.0f}" + (f"±{half:.0f}" if len(tfs) > 1 else "")
 
 
 def print_table(rows, env, log):
@@ -252,12 +363,14 @@ def print_table(rows, env, log):
         log(f"\n{mode}: | D | causal | N | " + " | ".join(providers) + " | ours/flash | mem ours | mem flash |")
         keys = dict.fromkeys((r["D"], r["causal"], r["N"]) for r in rows if r["mode"] == mode)
         for D, causal, N in keys:
-            by = {r["provider"]: r for r in rows if (r["D"], r["causal"], r["N"], r["mode"]) == (D, causal, N, mode)}
-            ratio = (by["ours"]["tflops"] / by["sdpa_flash"]["tflops"]
-                     if by.get("ours", {}).get("tflops") and by.get("sdpa_flash", {}).get("tflops") else math.nan)
-            mem = [by.get(p, {}).get("peak_gib") for p in ("ours", "sdpa_flash")]
+            by = {p: [r for r in rows if (r["D"], r["causal"], r["N"], r["mode"], r["provider"]) == (D, causal, N, mode, p)]
+                  for p in providers}
+            summary = {p: _summary(rs) for p, rs in by.items()}
+            ours, flash = summary["ours"][0] if "ours" in summary else None, summary.get("sdpa_flash", (None,))[0]
+            ratio = ours / flash if ours and flash else math.nan
+            mem = [by[p][0]["peak_gib"] if by.get(p) else None for p in ("ours", "sdpa_flash")]
             mem = [f"{m:.2f}" if isinstance(m, float) else str(m) for m in mem]
-            log(f"| {D} | {int(causal)} | {N} | " + " | ".join(_cell(by.get(p)) for p in providers)
+            log(f"| {D} | {int(causal)} | {N} | " + " | ".join(summary[p][2] for p in providers)
                 + f" | {ratio:.2f} | {mem[0]} | {mem[1]} |")
 
 
@@ -271,8 +384,9 @@ def plot(rows, env, path):
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
     for ax, (mode, D, causal) in zip(axes.flat, panels):
         for p in dict.fromkeys(r["provider"] for r in rows):
-            pts = [(r["N"], r["tflops"]) for r in rows
-                   if (r["mode"], r["D"], r["causal"], r["provider"]) == (mode, D, causal, p) and r["tflops"]]
+            mine = [r for r in rows if (r["mode"], r["D"], r["causal"], r["provider"]) == (mode, D, causal, p)]
+            pts = [(n, _summary([r for r in mine if r["N"] == n])[0]) for n in dict.fromkeys(r["N"] for r in mine)]
+            pts = [(n, tf) for n, tf in pts if tf]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=p)
         ax.set_xscale("log", base=2)

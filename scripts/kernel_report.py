@@ -28,13 +28,15 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels.flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq  # noqa: E402
+from kernels.flash_bwd import _attn_bwd  # noqa: E402
 from kernels.flash_fwd import _attn_fwd  # noqa: E402
-from kernels.launch import KernelConfig, hopper_config  # noqa: E402
+from kernels.launch import KernelConfig, hopper_config, parse_launch_spec  # noqa: E402
 
 MODEL_DIM = 2048                                   # as scripts/bench_attention.py
-KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
-FP32_POINTERS = {"LSE", "Delta", "DQAcc", "DLse"}
+# pass -> kernel; "bwd" is the one-launch backward (dK/dV and dQ programs in one grid, the dK/dV
+# parameters' warps and stages), compiled with the dkdv and dq entries' tiles
+KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd, "dq": _attn_bwd, "bwd": _attn_bwd}
+FP32_POINTERS = {"LSE", "Delta", "DLse"}
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -60,13 +62,15 @@ def signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
     return sig, cons, attrs
 
 
-def constexprs(pass_name: str, d: int, causal: bool, cfg: KernelConfig) -> dict:
-    heads = MODEL_DIM // d
-    c = dict(GROUP=1, HEAD_DIM=d, HEAD_DIM_PAD=d, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, IS_VARLEN=False,
+def constexprs(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: KernelConfig) -> dict:
+    """cfg: the pass's parameters (for "bwd", the dK/dV programs'); cfg_dq: the dQ programs' in "bwd"."""
+    c = dict(NUM_HEADS=MODEL_DIM // d, GROUP=1, HEAD_DIM=d, HEAD_DIM_PAD=d, IS_VARLEN=False,
              HAS_LEFT=False, HAS_RIGHT=causal, PRECISION="tf32")
-    if pass_name == "dkdv":
-        return c | dict(NUM_KV_HEADS=heads, FUSED_DQ=False, COUNTED=cfg.counted)
-    return c | dict(NUM_HEADS=heads)
+    if pass_name == "fwd":
+        return c | dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
+    dq = cfg if pass_name == "dq" else cfg_dq
+    return c | dict(BLOCK_M1=cfg.BLOCK_M, BLOCK_N1=cfg.BLOCK_N, BLOCK_M2=dq.BLOCK_M, BLOCK_N2=dq.BLOCK_N,
+                    FUSED_DQ=False, COUNTED=cfg.counted, PROGRAMS="both" if pass_name == "bwd" else pass_name)
 
 
 def tool(name: str) -> str:
@@ -76,10 +80,10 @@ def tool(name: str) -> str:
     return str(path)
 
 
-def report(pass_name: str, d: int, causal: bool, cfg: KernelConfig) -> dict:
+def report(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: KernelConfig | None = None) -> dict:
     """Compile one kernel and read ptxas's and the SASS's account of it."""
     fn = KERNELS[pass_name]
-    compiled = triton.compile(ASTSource(fn, *signature(fn, constexprs(pass_name, d, causal, cfg))),
+    compiled = triton.compile(ASTSource(fn, *signature(fn, constexprs(pass_name, d, causal, cfg, cfg_dq or cfg))),
                               target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,23 +108,21 @@ def report(pass_name: str, d: int, causal: bool, cfg: KernelConfig) -> dict:
 
 
 def parse_config(text: str) -> tuple[str, KernelConfig]:
-    """'dkdv=64,128,8,3[,counted]' -> ('dkdv', KernelConfig(64, 128, 8, 3, counted=True))."""
-    pass_name, _, values = text.partition("=")
-    parts = values.split(",")
-    if pass_name not in KERNELS or len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] != "counted"):
-        raise argparse.ArgumentTypeError(f"--config {text!r}: expected PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted] "
-                                          f"with PASS one of {list(KERNELS)}")
     try:
-        return pass_name, KernelConfig(*map(int, parts[:4]), counted=len(parts) == 5)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--config {text!r}: the four numbers must be integers") from None
+        pass_name, cfg = parse_launch_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if pass_name not in ("fwd", "dkdv", "dq"):
+        raise argparse.ArgumentTypeError(f"--config {text!r}: PASS must be one of fwd, dkdv, dq")
+    return pass_name, cfg
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128], choices=[64, 128, 256])
     ap.add_argument("--causal", type=int, nargs="+", default=[0, 1], choices=[0, 1])
-    ap.add_argument("--passes", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    ap.add_argument("--passes", nargs="+", default=list(KERNELS), choices=list(KERNELS),
+                    help="bwd: the one-launch backward, with the dkdv and dq parameters")
     ap.add_argument("--config", type=parse_config, action="append", default=[],
                     help="PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted] instead of the Hopper table entry (repeatable)")
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
@@ -134,8 +136,9 @@ def main(argv=None) -> int:
     for d in args.dims:
         for causal in map(bool, args.causal):
             for pass_name in args.passes:
-                cfg = chosen.get(pass_name) or hopper_config(pass_name, d, causal)
-                r = report(pass_name, d, causal, cfg)
+                table = pass_name if pass_name != "bwd" else "dkdv"
+                cfg = chosen.get(table) or hopper_config(table, d, causal)
+                r = report(pass_name, d, causal, cfg, chosen.get("dq") or hopper_config("dq", d, causal))
                 rows.append(r)
                 if args.json:
                     print(json.dumps(r), flush=True)

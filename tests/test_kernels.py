@@ -18,7 +18,7 @@ import triton
 
 import kernels.flash_attn as flash_attn_module
 from kernels import flash_attn_backward, flash_attn_func, flash_attn_varlen_func
-from kernels.launch import KernelConfig, override_configs
+from kernels.launch import KernelConfig, override_configs, override_one_launch
 from kernels.reference import attention_ref, blockwise_attention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +201,35 @@ def test_counted_dkdv_loop(deterministic, device):
             lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 41, 41, causal=True, return_lse=True,
                                                    deterministic=deterministic),
             lambda q, k, v: attention_ref(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), [q, k, v])
+
+
+def test_one_launch_backward(device):
+    # PROGRAMS="both": dK/dV and dQ programs in one grid, dQ's tiles differing from dK/dV's; same
+    # gradients: GQA, padded head dim, uneven tails, windows, Nq != Nk, varlen with an empty document
+    dkdv = KernelConfig(32, 16, 1, 1, counted=True) if device.type == "cpu" else KernelConfig(64, 64, 4, 2, counted=True)
+    dq = KernelConfig(16, 32, 1, 1) if device.type == "cpu" else KernelConfig(64, 32, 4, 2)
+    with override_one_launch(True), override_configs(dkdv=dkdv, dq=dq):
+        check_batch(2, 97, 97, 4, 2, 80, torch.bfloat16, device, causal=True, dlse=True)
+        check_batch(1, 100, 77, 2, 1, 32, torch.float16, device, causal=True, window=(40, -1))
+        check_batch(1, 65, 130, 2, 2, 32, torch.float16, device)
+        cu = torch.tensor([0, 5, 5, 46, 70], dtype=torch.int32, device=device)
+        q, k, v = (torch.randn(74, 4, 32, dtype=torch.float16, device=device) for _ in range(3))
+        check_against_oracle(
+            lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 41, 41, causal=True, return_lse=True),
+            lambda q, k, v: attention_ref(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), [q, k, v])
+
+
+def test_one_launch_gradients_equal_two_launches(device):
+    # the same programs in one grid or two: bit-identical gradients (no atomics either way)
+    q, k, v = make_qkv(1, 70, 70, 2, 1, 32, torch.float16, device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dout = torch.randn_like(q)
+    grads = []
+    for one in (False, True):
+        with override_one_launch(one):
+            grads.append(torch.autograd.grad(flash_attn_func(q, k, v, causal=True), (q, k, v), dout))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def _varlen_case(doc_lens_q, doc_lens_k, H, Hk, D, dtype, device, causal, window=(-1, -1), extra_rows=0):
@@ -459,3 +488,40 @@ def test_kernel_report_compiles_for_hopper():
     bad = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_report.py"), "--config", "dkdv=64,128"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "--config 'dkdv=64,128': expected PASS=BLOCK_M,BLOCK_N,WARPS,STAGES" in bad.stderr
+
+
+def test_bench_kernel_times_labels_repeated_launches():
+    # scripts/bench_attention.py --profile-seqlens: a kernel launched twice per step (our two-launch
+    # backward) is reported per launch, in launch order
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_attention import kernel_times
+    from types import SimpleNamespace as NS
+
+    def ev(name, start, us, device=torch.autograd.DeviceType.CUDA):
+        return NS(name=name, device_type=device, time_range=NS(start=start, elapsed_us=lambda: us))
+    events = []
+    for step in range(2):
+        t = step * 100
+        events += [ev("_attn_fwd", t, 2.0), ev("_attn_bwd_preprocess", t + 10, 0.5), ev("_attn_bwd", t + 20, 6.0),
+                   ev("_attn_bwd", t + 40, 4.0), ev("aten::copy_", t + 50, 9.0, torch.autograd.DeviceType.CPU)]
+    times = kernel_times(list(reversed(events)), steps=2)
+    assert times == pytest.approx({"_attn_fwd": 0.002, "_attn_bwd_preprocess": 0.0005,
+                                   "_attn_bwd#0": 0.006, "_attn_bwd#1": 0.004})
+
+
+def test_bench_repeats_table_and_variant_providers():
+    # make bench ARGS="--repeats 3": the table is the median and +- half the spread per provider and
+    # point; "ours_2launch+dkdv=..." providers time launch-table candidates in the same run
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_attention import make_providers, print_table, variant
+    rows = [dict(D=128, causal=True, N=16384, provider=p, mode="fwd_bwd", rep=r, ms=1.0, tflops=tf, peak_gib=0.25)
+            for p, tfs in (("ours", (390.0, 410.0, 400.0)), ("flex", (380.0,))) for r, tf in enumerate(tfs)]
+    lines = []
+    print_table(rows, dict(gpu="H100", torch="x", triton="y"), lines.append)
+    assert "| 128 | 1 | 16384 | 400±10 | 380 |" in lines[-1]
+    layout, fn = make_providers(True, 64, False, variants=["ours_2launch+dkdv=64,128,8,2,counted"])[
+        "ours_2launch+dkdv=64,128,8,2,counted"]
+    assert layout == "bnhd" and callable(fn.context)
+    for bad in ("ours+", "theirs+dkdv=64,128,8,2", "ours+dkdv=64,128,8"):
+        with pytest.raises(ValueError, match="expected"):
+            variant(bad, True)
