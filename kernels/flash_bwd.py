@@ -111,44 +111,6 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner_prefetch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                                  offs_n, offs_d, start, end, seqlen_q, seqlen_k, window_left, window_right,
-                                  qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                  HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
-                                  HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr):
-    """The counted dK/dV loop with the next tile's scores (K Q^T) issued before this tile's dS math and
-    dK product, so that the tensor cores have work while the exponentials and dS are computed (the
-    overlap FlashAttention-3 schedules by hand). Each tile's Q is loaded twice: for the previous
-    iteration's scores and for its own dK product. The last iteration recomputes its own tile's
-    scores instead of reading past the range."""
-    n_tiles = tl.cdiv(end - start, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_M)
-    if n_tiles > 0:
-        q_row = q_base + start.to(tl.int64) * stride_qm
-        do_row = do_base + start.to(tl.int64) * stride_dom
-        offs_m = start + offs_r
-        q0 = _load_rows(q_row, stride_qm, offs_m, offs_d, seqlen_q, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        qkT = _dot(k, tl.trans(q0), None, PRECISION)        # (BLOCK_N, BLOCK_M)
-        for i in range(0, n_tiles):
-            q = _load_rows(q_row, stride_qm, offs_m, offs_d, seqlen_q, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-            do = _load_rows(do_row, stride_dom, offs_m, offs_d, seqlen_q, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-            pT, delta = _attn_bwd_pT(qkT, lse_base, delta_base, offs_m, offs_n, seqlen_q, seqlen_k, window_left,
-                                     window_right, qk_scale, MASKED, HAS_LEFT, HAS_RIGHT)
-            dv = _dot(pT.to(do.dtype), do, dv, PRECISION)
-            dpT = _dot(v, tl.trans(do), None, PRECISION)
-            nxt = start + tl.minimum(i + 1, n_tiles - 1) * BLOCK_M
-            q_next = _load_rows(q_base + nxt.to(tl.int64) * stride_qm, stride_qm, nxt + offs_r, offs_d, seqlen_q,
-                                BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-            qkT = _dot(k, tl.trans(q_next), None, PRECISION)
-            dsT = pT * (dpT - delta[None, :])
-            dk = _dot(dsT.to(q.dtype), q, dk, PRECISION)
-            q_row += BLOCK_M * stride_qm
-            do_row += BLOCK_M * stride_dom
-            offs_m += BLOCK_M
-    return dk, dv
-
-
-@triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                          stride_qm, stride_dom, stride_dqm, offs_n, offs_d, start, end,
                          seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
@@ -162,13 +124,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq
     offs_r = tl.arange(0, BLOCK_M)
     q_row = q_base + start.to(tl.int64) * stride_qm
     do_row = do_base + start.to(tl.int64) * stride_dom
-    if COUNTED == 2:
-        tl.static_assert(not FUSED_DQ, "the prefetching dK/dV loop is for the deterministic backward")
-        dk, dv = _attn_bwd_dkdv_inner_prefetch(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
-                                               stride_dom, offs_n, offs_d, start, end, seqlen_q, seqlen_k,
-                                               window_left, window_right, qk_scale, BLOCK_M, HEAD_DIM,
-                                               HEAD_DIM_PAD, MASKED, HAS_LEFT, HAS_RIGHT, PRECISION)
-    elif COUNTED:
+    if COUNTED:
         offs_m = start + offs_r
         for _ in range(0, tl.cdiv(end - start, BLOCK_M)):
             dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_base, delta_base,

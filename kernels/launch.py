@@ -26,12 +26,6 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     counted: bool = False  # dK/dV pass only: its query loop as range(n_tiles) (flash_bwd.py says why)
-    prefetch: bool = False  # dK/dV pass only, deterministic: counted, with the next tile's scores issued early
-
-    @property
-    def loop_form(self) -> int:
-        """The dK/dV kernel's COUNTED constexpr: 0 tl.range, 1 counted, 2 counted with prefetched scores."""
-        return 2 if self.prefetch else int(self.counted)
 
 
 # Launch parameters per (pass, padded head dim) for Hopper, from `make bench ARGS=--sweep` on an
@@ -77,15 +71,14 @@ _overrides: dict[str, KernelConfig] = {}
 
 
 def parse_launch_spec(text: str) -> tuple[str, KernelConfig]:
-    """'dkdv=64,128,8,3[,counted|,prefetch]' -> ('dkdv', KernelConfig(64, 128, 8, 3, counted=True)):
-    benchmark and compiler-report arguments."""
+    """'dkdv=64,128,8,3[,counted]' -> ('dkdv', KernelConfig(64, 128, 8, 3, counted=True)): benchmark and
+    compiler-report arguments."""
     pass_name, _, values = text.partition("=")
     parts = values.split(",")
-    if not pass_name or len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] not in ("counted", "prefetch")):
-        raise ValueError(f"{text!r}: expected PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted|,prefetch]")
-    form = parts[4] if len(parts) == 5 else ""
+    if not pass_name or len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] != "counted"):
+        raise ValueError(f"{text!r}: expected PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted]")
     try:
-        return pass_name, KernelConfig(*map(int, parts[:4]), counted=bool(form), prefetch=form == "prefetch")
+        return pass_name, KernelConfig(*map(int, parts[:4]), counted=len(parts) == 5)
     except ValueError:
         raise ValueError(f"{text!r}: BLOCK_M, BLOCK_N, WARPS and STAGES must be integers") from None
 
@@ -256,7 +249,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
                 HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M1=cfg.BLOCK_M, BLOCK_N1=cfg.BLOCK_N,
                 BLOCK_M2=cfg_dq.BLOCK_M, BLOCK_N2=cfg_dq.BLOCK_N, IS_VARLEN=varlen,
                 HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PRECISION=_precision(q.dtype),
-                FUSED_DQ=fused, COUNTED=min(cfg.loop_form, 1) if fused else cfg.loop_form, PROGRAMS=programs,
+                FUSED_DQ=fused, COUNTED=cfg.counted, PROGRAMS=programs,
                 num_warps=launch_cfg.num_warps, num_stages=launch_cfg.num_stages)
 
     if fused:

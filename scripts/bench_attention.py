@@ -3,6 +3,7 @@
     make bench                                    # the standard grid (CUDA)
     make bench ARGS="--dims 128 --seqlens 16384 --causal 1"
     make bench ARGS="--sweep"                     # also search launch parameters per pass first
+    make bench ARGS="--dims 64 --causal 1 --seqlens 8192 --tokens 8192 --model-dim 768"  # GPT-2 small's
 
 Grid as in the field (FlashAttention papers, docs/perf-notes.md): bf16, B * N = 16K tokens (B = 1 at
 N >= 16K), H * D = 2048. FLOPs: forward 4 * B * H * N^2 * D, halved when causal; forward+backward
@@ -220,11 +221,11 @@ SWEEP["bwd"] = [(64, 128, 8, 3, True), (64, 128, 8, 2, True), (64, 128, 8, 3), (
                 (32, 128, 8, 3, True), (64, 64, 8, 3, True), (128, 128, 8, 2, True)]
 
 
-def sweep(D, causal, N, log, passes=tuple(SWEEP)):
+def sweep(D, causal, N, log, passes=tuple(SWEEP), tokens=TOKENS, model_dim=MODEL_DIM):
     """Best launch parameters for each pass at one point: fwd timed alone; dkdv / dq by fwd+bwd with
     the other backward pass at its current setting (two launches); dkdv_fused by fwd+bwd with
     deterministic=False; bwd by fwd+bwd in one launch (the dK/dV parameters it takes)."""
-    H, B = MODEL_DIM // D, max(1, TOKENS // N)
+    H, B = model_dim // D, max(1, tokens // N)
     best = {}
     for pass_name in passes:
         mode = "fwd" if pass_name == "fwd" else "fwd_bwd"
@@ -267,6 +268,8 @@ def main():
     ap.add_argument("--sweep-seqlen", type=int, default=8192)
     ap.add_argument("--sweep-passes", nargs="+", choices=list(SWEEP), default=list(SWEEP),
                     help="passes to search (the others keep their launch-table settings)")
+    ap.add_argument("--tokens", type=int, default=TOKENS, help="tokens per batch: B = max(1, tokens // N)")
+    ap.add_argument("--model-dim", type=int, default=MODEL_DIM, help="H * D: H = model_dim // D (GPT-2 small: 768)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="time every provider this many times per point, interleaved; the table shows the "
                          "median and +- half the spread (METHOD.md: a difference inside the spread is noise)")
@@ -292,7 +295,8 @@ def main():
     for D in args.dims:
         for causal in map(bool, args.causal):
             log(f"correctness D{D} {'causal' if causal else 'full'} (rel. error vs fp32 math): {check_correct(D, causal)}")
-            configs = sweep(D, causal, args.sweep_seqlen, log, args.sweep_passes) if args.sweep else {}
+            configs = (sweep(D, causal, args.sweep_seqlen, log, args.sweep_passes, args.tokens, args.model_dim)
+                       if args.sweep else {})
             if configs:   # the winners before they are timed: a fast wrong kernel is not a result
                 with override_configs(**configs), override_one_launch(False):
                     err = check_correct(D, causal)
@@ -308,7 +312,7 @@ def main():
             used["bwd (ours_1launch's dkdv)"] = configs.get("bwd") or used["dkdv"]
             log(f"launch parameters D{D} {'causal' if causal else 'full'}: {used}")
             for N in args.seqlens:
-                B, H = max(1, TOKENS // N), MODEL_DIM // D
+                B, H = max(1, args.tokens // N), args.model_dim // D
                 flex_ok = "flex" in args.providers and (0 in args.flex_seqlens or N in args.flex_seqlens)
                 providers = make_providers(causal, N, flex_ok, configs.get("bwd"),
                                            [p for p in args.providers if "+" in p])
