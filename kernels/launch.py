@@ -5,6 +5,7 @@ batch (B, N, H, D) passes a batch stride; varlen (total, H, D) passes batch stri
 cu_seqlens pointers, and each program reads its document's bounds from them.
 """
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -82,9 +83,14 @@ def parse_launch_spec(text: str) -> tuple[str, KernelConfig]:
     except ValueError:
         raise ValueError(f"{text!r}: BLOCK_M, BLOCK_N, WARPS and STAGES must be integers") from None
 
-# Where the whole deterministic backward runs as one launch (dK/dV and dQ programs in one grid, with
-# the dK/dV parameters' warps and stages) instead of two: {(head dim, causal)}, from the H100.
-_SM90_ONE_LAUNCH: set[tuple[int, bool]] = set()
+
+# The deterministic backward runs as one launch (dK/dV and dQ programs in one grid) on Hopper when its
+# grid is at most this many waves of one program per SM, so that the two kinds fill each other's
+# tails, and the two passes' entries agree on warps and stages (one launch has one of each). On the
+# H100, GPT-2 small's attention at 8K (B 1, H 12, d64 causal: 1536 programs, 11.6 waves) went from
+# 282 to 300 TFLOP/s fwd+bwd; the benchmark grid's points (31 waves) were level within noise
+# (docs/perf-notes.md).
+ONE_LAUNCH_MAX_WAVES = 16
 _one_launch_override: list[bool | None] = [None]
 
 
@@ -99,12 +105,20 @@ def override_one_launch(flag: bool):
         _one_launch_override[0] = old
 
 
-def use_one_launch(head_dim_pad: int, dtype: torch.dtype, device: torch.device, causal: bool) -> bool:
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def use_one_launch(dkdv: KernelConfig, dq: KernelConfig, programs: int, dtype: torch.dtype,
+                   device: torch.device) -> bool:
     if _one_launch_override[0] is not None:
         return _one_launch_override[0]
-    if device.type != "cuda" or dtype == torch.float32 or torch.cuda.get_device_capability(device)[0] < 9:
+    if (device.type != "cuda" or dtype == torch.float32 or torch.cuda.get_device_capability(device)[0] < 9
+            or (dkdv.num_warps, dkdv.num_stages) != (dq.num_warps, dq.num_stages)):
         return False
-    return (max(64, head_dim_pad), causal) in _SM90_ONE_LAUNCH
+    return programs <= ONE_LAUNCH_MAX_WAVES * _num_sms(device.index if device.index is not None
+                                                        else torch.cuda.current_device())
 
 
 @contextlib.contextmanager
@@ -255,7 +269,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     if fused:
         launch("dkdv", n_dkdv, cfg)
         return dq.to(q.dtype), dk, dv
-    if use_one_launch(d_pad, q.dtype, q.device, right >= 0):
+    if use_one_launch(cfg, cfg_dq, n_dkdv + n_dq, q.dtype, q.device):
         launch("both", n_dkdv + n_dq, cfg)   # the dK/dV parameters' warps and stages for both kinds
     else:
         launch("dkdv", n_dkdv, cfg)

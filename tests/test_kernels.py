@@ -232,6 +232,24 @@ def test_one_launch_gradients_equal_two_launches(device):
         assert torch.equal(a, b)
 
 
+def test_one_launch_rule(monkeypatch):
+    # one launch on Hopper for small grids (<= ONE_LAUNCH_MAX_WAVES waves) when the passes' warps and
+    # stages agree; never on CPU or in fp32; the override wins
+    import kernels.launch as launch
+    monkeypatch.setattr(launch.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(launch, "_num_sms", lambda index: 132)
+    cuda, a, b = torch.device("cuda", 0), KernelConfig(64, 128, 8, 3, counted=True), KernelConfig(128, 64, 8, 3)
+    limit = launch.ONE_LAUNCH_MAX_WAVES * 132
+    assert launch.use_one_launch(a, b, limit, torch.bfloat16, cuda)
+    assert not launch.use_one_launch(a, b, limit + 1, torch.bfloat16, cuda)
+    assert not launch.use_one_launch(a, KernelConfig(128, 64, 8, 2), 100, torch.bfloat16, cuda)
+    assert not launch.use_one_launch(a, KernelConfig(128, 64, 4, 3), 100, torch.bfloat16, cuda)
+    assert not launch.use_one_launch(a, b, 100, torch.float32, cuda)
+    assert not launch.use_one_launch(a, b, 100, torch.bfloat16, torch.device("cpu"))
+    with override_one_launch(True):
+        assert launch.use_one_launch(a, b, limit + 1, torch.bfloat16, torch.device("cpu"))
+
+
 def _varlen_case(doc_lens_q, doc_lens_k, H, Hk, D, dtype, device, causal, window=(-1, -1), extra_rows=0):
     cu_q = torch.tensor([0] + doc_lens_q, device=device).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + doc_lens_k, device=device).cumsum(0).to(torch.int32)
