@@ -87,22 +87,15 @@ def _attn_bwd_pT(qkT, lse_base, delta_base, offs_m, offs_n, seqlen_q, seqlen_k, 
 
 
 @triton.jit
-def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, q_desc, do_desc, row, stride_qm, stride_dom, lse_base,
-                        delta_base, dq_base, stride_dqm, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, window_left,
-                        window_right, qk_scale, sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
-                        HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
-                        TMA: tl.constexpr):
+def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_base, delta_base, dq_base,
+                        stride_dqm, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
+                        sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                        PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
     """One query tile's share of this key block's dK and dV (and of dQ when FUSED_DQ). q_row / do_row
-    point at the tile's first row (int64 arithmetic stays in those scalars; in-tile offsets fit int32);
-    with TMA the tile is read through the tensor descriptors instead, at row `row` (rows past the
-    sequence and columns past HEAD_DIM read 0)."""
-    if TMA:
-        q = q_desc.load([row, 0])
-        do = do_desc.load([row, 0])
-    else:
-        q = _load_rows(q_row, stride_qm, offs_m, offs_d, seqlen_q, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-        do = _load_rows(do_row, stride_dom, offs_m, offs_d, seqlen_q, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    point at the tile's first row (int64 arithmetic stays in those scalars; in-tile offsets fit int32)."""
+    q = _load_rows(q_row, stride_qm, offs_m, offs_d, seqlen_q, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    do = _load_rows(do_row, stride_dom, offs_m, offs_d, seqlen_q, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED)
     qkT = _dot(k, tl.trans(q), None, PRECISION)       # (BLOCK_N, BLOCK_M)
     pT, delta = _attn_bwd_pT(qkT, lse_base, delta_base, offs_m, offs_n, seqlen_q, seqlen_k, window_left,
                              window_right, qk_scale, MASKED, HAS_LEFT, HAS_RIGHT)
@@ -118,13 +111,12 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, q_desc, do_desc, row, strid
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_base, dq_base,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                          stride_qm, stride_dom, stride_dqm, offs_n, offs_d, start, end,
                          seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                          BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                         PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr,
-                         TMA: tl.constexpr):
+                         PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr):
     """Query rows [start, end) in tiles of BLOCK_M. COUNTED runs the tiles as `range(n_tiles)` instead
     of `tl.range(start, end, BLOCK_M)`: with the latter, and three such loops in the kernel, ptxas 12.8
     serializes every wgmma of the kernel on sm_90 (warning C7515; docs/perf-notes.md). The launch
@@ -134,23 +126,20 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_bas
     do_row = do_base + start.to(tl.int64) * stride_dom
     if COUNTED:
         offs_m = start + offs_r
-        row = start
         for _ in range(0, tl.cdiv(end - start, BLOCK_M)):
-            dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, q_desc, do_desc, row, stride_qm, stride_dom,
-                                         lse_base, delta_base, dq_base, stride_dqm, offs_m, offs_n, offs_d, seqlen_q,
-                                         seqlen_k, window_left, window_right, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
-                                         HEAD_DIM_PAD, MASKED, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ, TMA)
+            dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_base, delta_base,
+                                         dq_base, stride_dqm, offs_m, offs_n, offs_d, seqlen_q, seqlen_k,
+                                         window_left, window_right, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
+                                         HEAD_DIM_PAD, MASKED, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ)
             offs_m += BLOCK_M
-            row += BLOCK_M
             q_row += BLOCK_M * stride_qm
             do_row += BLOCK_M * stride_dom
     else:
         for start_m in tl.range(start, end, BLOCK_M):
-            dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, q_desc, do_desc, start_m, stride_qm,
-                                         stride_dom, lse_base, delta_base, dq_base, stride_dqm, start_m + offs_r,
-                                         offs_n, offs_d, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
-                                         sm_scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED, HAS_LEFT, HAS_RIGHT,
-                                         PRECISION, FUSED_DQ, TMA)
+            dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_base, delta_base,
+                                         dq_base, stride_dqm, start_m + offs_r, offs_n, offs_d, seqlen_q, seqlen_k,
+                                         window_left, window_right, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
+                                         HEAD_DIM_PAD, MASKED, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ)
             q_row += BLOCK_M * stride_qm
             do_row += BLOCK_M * stride_dom
     return dk, dv
@@ -167,10 +156,8 @@ def _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeql
                            HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                           PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr,
-                           TMA: tl.constexpr):
-    """dK and dV of one key block of one KV head (program `pid` of the dK/dV grid). TMA reads the
-    query-side tiles (Q, dO) through tensor descriptors, one per head and document."""
+                           PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr):
+    """dK and dV of one key block of one KV head (program `pid` of the dK/dV grid)."""
     pid_bh = pid // num_n_blocks
     pid_n = pid % num_n_blocks
     b = pid_bh // NUM_KV_HEADS
@@ -202,30 +189,22 @@ def _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeql
             lse_base = LSE + b64 * stride_lb + h * stride_lh + q_row0
             delta_base = Delta + b64 * stride_lb + h * stride_lh + q_row0
             dq_base = DQAcc + b64 * stride_dqb + h * stride_dqh + q_row0 * stride_dqm
-            if TMA:
-                q_desc = tl.make_tensor_descriptor(q_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_qm, 1],
-                                                   block_shape=[BLOCK_M, HEAD_DIM_PAD])
-                do_desc = tl.make_tensor_descriptor(do_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_dom, 1],
-                                                    block_shape=[BLOCK_M, HEAD_DIM_PAD])
-            else:
-                q_desc = q_base
-                do_desc = do_base
             if HAS_RIGHT:  # query rows entering at the diagonal / right window edge: masked
-                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_base, dq_base,
+                dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                               stride_qm, stride_dom, stride_dqm, offs_n, offs_d, lo, mid_lo,
                                               seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                                               BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                              PRECISION, FUSED_DQ, COUNTED, TMA)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_base, dq_base,
+                                              PRECISION, FUSED_DQ, COUNTED)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                           stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_lo, mid_hi,
                                           seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                                           BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
-                                          PRECISION, FUSED_DQ, COUNTED, TMA)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, q_desc, do_desc, lse_base, delta_base, dq_base,
+                                          PRECISION, FUSED_DQ, COUNTED)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                           stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_hi, hi,
                                           seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
                                           BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                          PRECISION, FUSED_DQ, COUNTED, TMA)
+                                          PRECISION, FUSED_DQ, COUNTED)
         dk_base = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkn
         dv_base = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvn
         tl.store(dk_base + offs_c[:, None] * stride_dkn + offs_d[None, :],
@@ -347,8 +326,7 @@ def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr, TMA: tl.constexpr,
-              PROGRAMS: tl.constexpr):
+              PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr, PROGRAMS: tl.constexpr):
     """The backward's grid. PROGRAMS "dkdv": every program is a dK/dV program (BLOCK_M1 x BLOCK_N1
     tiles; with FUSED_DQ it also adds dQ into the fp32 DQ); "dq": every program is a dQ program
     (BLOCK_M2 x BLOCK_N2); "both": the first num_dkdv_programs are dK/dV programs and the rest dQ
@@ -364,7 +342,7 @@ def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
                                stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                                stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
                                NUM_HEADS // GROUP, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M1, BLOCK_N1,
-                               IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ, COUNTED, TMA)
+                               IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ, COUNTED)
     elif PROGRAMS == "dq":
         _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK,
                              sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_m_blocks,
@@ -384,7 +362,7 @@ def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
                                    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                                    stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
                                    NUM_HEADS // GROUP, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M1, BLOCK_N1,
-                                   IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, False, COUNTED, TMA)
+                                   IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, False, COUNTED)
         else:
             _attn_bwd_dq_program(pid - num_dkdv_programs, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ,
                                  CuSeqlensK, sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right,

@@ -27,7 +27,6 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     counted: bool = False  # dK/dV pass only: its query loop as range(n_tiles) (flash_bwd.py says why)
-    tma: bool = False      # dK/dV pass only: Q / dO tiles through tensor descriptors (TMA on Hopper)
 
 
 # Launch parameters per (pass, padded head dim) for Hopper, from `make bench ARGS=--sweep` on an
@@ -73,15 +72,14 @@ _overrides: dict[str, KernelConfig] = {}
 
 
 def parse_launch_spec(text: str) -> tuple[str, KernelConfig]:
-    """'dkdv=64,128,8,3[,counted][,tma]' -> ('dkdv', KernelConfig(64, 128, 8, 3, counted=True)):
-    benchmark and compiler-report arguments."""
+    """'dkdv=64,128,8,3[,counted]' -> ('dkdv', KernelConfig(64, 128, 8, 3, counted=True)): benchmark and
+    compiler-report arguments."""
     pass_name, _, values = text.partition("=")
     parts = values.split(",")
-    flags = parts[4:]
-    if not pass_name or len(parts) < 4 or len(set(flags)) != len(flags) or not set(flags) <= {"counted", "tma"}:
-        raise ValueError(f"{text!r}: expected PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted][,tma]")
+    if not pass_name or len(parts) not in (4, 5) or (len(parts) == 5 and parts[4] != "counted"):
+        raise ValueError(f"{text!r}: expected PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted]")
     try:
-        return pass_name, KernelConfig(*map(int, parts[:4]), counted="counted" in flags, tma="tma" in flags)
+        return pass_name, KernelConfig(*map(int, parts[:4]), counted=len(parts) == 5)
     except ValueError:
         raise ValueError(f"{text!r}: BLOCK_M, BLOCK_N, WARPS and STAGES must be integers") from None
 
@@ -153,16 +151,6 @@ def get_config(pass_name: str, head_dim_pad: int, dtype: torch.dtype, device: to
 def hopper_config(pass_name: str, head_dim_pad: int, causal: bool) -> KernelConfig:
     """The Hopper (sm_90) launch-table entry for bf16/fp16; head_dim_pad 64, 128 or 256."""
     return (not causal and _SM90_NONCAUSAL.get((pass_name, head_dim_pad))) or _SM90[pass_name][head_dim_pad]
-
-
-def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and strides (rows of bf16 / fp16: multiples of 8)."""
-    return all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:-1]) for t in tensors)
-
-
-def _scratch(size: int, alignment: int, stream):
-    # global memory Triton asks for when a kernel builds tensor descriptors on the device
-    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _head_dim_pad(head_dim: int) -> int:
@@ -263,9 +251,6 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     num_n = triton.cdiv(seqlen_k, cfg.BLOCK_N)
     num_m = triton.cdiv(seqlen_q, cfg_dq.BLOCK_M)
     n_dkdv, n_dq = num_n * batch * nheads_k, num_m * batch * nheads
-    tma = cfg.tma and q.dtype != torch.float32 and _tma_ok(q, dout)
-    if tma and not INTERPRET:
-        triton.set_allocator(_scratch)
 
     def launch(programs, grid, launch_cfg):
         if grid > 0:
@@ -278,7 +263,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
                 HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M1=cfg.BLOCK_M, BLOCK_N1=cfg.BLOCK_N,
                 BLOCK_M2=cfg_dq.BLOCK_M, BLOCK_N2=cfg_dq.BLOCK_N, IS_VARLEN=varlen,
                 HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PRECISION=_precision(q.dtype),
-                FUSED_DQ=fused, COUNTED=cfg.counted, TMA=tma, PROGRAMS=programs,
+                FUSED_DQ=fused, COUNTED=cfg.counted, PROGRAMS=programs,
                 num_warps=launch_cfg.num_warps, num_stages=launch_cfg.num_stages)
 
     if fused:

@@ -70,7 +70,7 @@ def constexprs(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: 
         return c | dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
     dq = cfg if pass_name == "dq" else cfg_dq
     return c | dict(BLOCK_M1=cfg.BLOCK_M, BLOCK_N1=cfg.BLOCK_N, BLOCK_M2=dq.BLOCK_M, BLOCK_N2=dq.BLOCK_N,
-                    FUSED_DQ=False, COUNTED=cfg.counted, TMA=cfg.tma, PROGRAMS="both" if pass_name == "bwd" else pass_name)
+                    FUSED_DQ=False, COUNTED=cfg.counted, PROGRAMS="both" if pass_name == "bwd" else pass_name)
 
 
 def tool(name: str) -> str:
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--passes", nargs="+", default=list(KERNELS), choices=list(KERNELS),
                     help="bwd: the one-launch backward, with the dkdv and dq parameters")
     ap.add_argument("--config", type=parse_config, action="append", default=[],
-                    help="PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted][,tma] instead of the Hopper table entry (repeatable)")
+                    help="PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted] instead of the Hopper table entry (repeatable)")
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
     args = ap.parse_args(argv)
     chosen = dict(args.config)
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
                 else:
                     c = r["config"]
                     print(f"| {pass_name} | {d} | {int(causal)} | {c['BLOCK_M']}, {c['BLOCK_N']}, {c['num_warps']}, "
-                          f"{c['num_stages']} | {(('counted' if c['counted'] else 'tl.range') + (' tma' if c['tma'] else '')) if pass_name in ('dkdv', 'bwd') else '-'} | {r['registers']} | "
+                          f"{c['num_stages']} | {('counted' if c['counted'] else 'tl.range') if pass_name in ('dkdv', 'bwd') else '-'} | {r['registers']} | "
                           f"{r['spill_stores']} / {r['spill_loads']} | {'**yes**' if r['serialized_wgmma'] else 'no'} | "
                           f"{r['hgmma']} | {r['depbar']} | {r['shared_bytes']} |", flush=True)
     return 0
