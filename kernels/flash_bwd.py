@@ -8,7 +8,8 @@ gradient, since d lse_i / d s_ij = p_ij). Then ``_attn_bwd``, whose programs are
 - dQ programs (``_attn_bwd_dq_program``): one per query block; each walks the key blocks like the
   forward.
 The launcher runs them as two launches (dK/dV, then dQ) or as one grid holding both kinds
-(``PROGRAMS="both"``, as FlexAttention's backward); the launch table picks.
+(``PROGRAMS="both"``, as FlexAttention's backward); ``use_one_launch`` in kernels/launch.py picks
+(one launch for small grids on Hopper, where the two kinds fill each other's tails).
 Seven matrix products per tile pair instead of five with an atomic fp32 dQ: deterministic, and each
 pass is tuned on its own. ``FUSED_DQ`` is the five-product variant (FlashAttention-2's): the dK/dV
 pass also computes each tile pair's dS K and adds it into an fp32 dQ with relaxed atomics, and the
