@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -355,7 +356,7 @@ def _summary(rs):
     tfs = sorted(r["tflops"] for r in rs if r["tflops"])
     if not tfs:
         return None, 0.0, (str(rs[0]["ms"])[:5] if rs else "-")
-    med = tfs[len(tfs) // 2] if len(tfs) % 2 else (tfs[len(tfs) // 2 - 1] + tfs[len(tfs) // 2]) / 2
+    med = statistics.median(tfs)
     half = (tfs[-1] - tfs[0]) / 2
     return med, half, f"{med:.0f}" + (f"±{half:.0f}" if len(tfs) > 1 else "")
 
