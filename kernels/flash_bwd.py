@@ -52,42 +52,6 @@ def _attn_bwd_preprocess(Out, DOut, DLse, Delta, num_rows,
 
 
 @triton.jit
-def _load_rows(row_ptr, stride, offs_m, offs_d, seqlen_q, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               HEAD_DIM_PAD: tl.constexpr, MASKED: tl.constexpr):
-    """A (BLOCK_M, HEAD_DIM_PAD) tile whose first row is at row_ptr; rows past seqlen_q read 0 when MASKED."""
-    ptrs = row_ptr + tl.arange(0, BLOCK_M)[:, None] * stride + offs_d[None, :]
-    d_mask = offs_d[None, :] < HEAD_DIM
-    if MASKED:
-        x = tl.load(ptrs, mask=(offs_m < seqlen_q)[:, None] & d_mask, other=0.0)
-    elif HEAD_DIM == HEAD_DIM_PAD:
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=d_mask, other=0.0)
-    return x
-
-
-@triton.jit
-def _attn_bwd_pT(qkT, lse_base, delta_base, offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
-                 qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """P^T of one (key, query) tile from its scores K Q^T and the query rows' saved LSE, and those rows'
-    delta."""
-    if MASKED:
-        row_ok = offs_m < seqlen_q
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    else:
-        lse = tl.load(lse_base + offs_m)
-        delta = tl.load(delta_base + offs_m)
-    # rows that saw no key have LSE -inf; +inf makes their P exactly 0 instead of NaN
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-    if MASKED:
-        visT = _tile_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-        pT = tl.where(tl.trans(visT), pT, 0.0)
-    return pT, delta
-
-
-@triton.jit
 def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_base, delta_base, dq_base,
                         stride_dqm, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
                         sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -95,11 +59,33 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_
                         PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
     """One query tile's share of this key block's dK and dV (and of dQ when FUSED_DQ). q_row / do_row
     point at the tile's first row (int64 arithmetic stays in those scalars; in-tile offsets fit int32)."""
-    q = _load_rows(q_row, stride_qm, offs_m, offs_d, seqlen_q, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED)
-    do = _load_rows(do_row, stride_dom, offs_m, offs_d, seqlen_q, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED)
+    offs_r = tl.arange(0, BLOCK_M)
+    q_ptrs = q_row + offs_r[:, None] * stride_qm + offs_d[None, :]
+    do_ptrs = do_row + offs_r[:, None] * stride_dom + offs_d[None, :]
+    d_mask = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        row_ok = offs_m < seqlen_q
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_mask, other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & d_mask, other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    else:
+        if HEAD_DIM == HEAD_DIM_PAD:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=d_mask, other=0.0)
+            do = tl.load(do_ptrs, mask=d_mask, other=0.0)
+        lse = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    # rows that saw no key have LSE -inf; +inf makes their P exactly 0 instead of NaN
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     qkT = _dot(k, tl.trans(q), None, PRECISION)       # (BLOCK_N, BLOCK_M)
-    pT, delta = _attn_bwd_pT(qkT, lse_base, delta_base, offs_m, offs_n, seqlen_q, seqlen_k, window_left,
-                             window_right, qk_scale, MASKED, HAS_LEFT, HAS_RIGHT)
+    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    if MASKED:
+        visT = _tile_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                             HAS_LEFT, HAS_RIGHT)
+        pT = tl.where(tl.trans(visT), pT, 0.0)
     dv = _dot(pT.to(do.dtype), do, dv, PRECISION)
     dpT = _dot(v, tl.trans(do), None, PRECISION)       # (BLOCK_N, BLOCK_M)
     dsT = pT * (dpT - delta[None, :])
@@ -107,7 +93,7 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_
     if FUSED_DQ:   # this key block's share of dQ, added into the fp32 accumulator
         dq = _dot(tl.trans(dsT.to(k.dtype)), k, None, PRECISION) * sm_scale      # (BLOCK_M, HEAD_DIM_PAD)
         tl.atomic_add(dq_base + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :], dq,
-                      mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+                      mask=(offs_m[:, None] < seqlen_q) & d_mask, sem="relaxed")
     return dk, dv
 
 
