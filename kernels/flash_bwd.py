@@ -321,7 +321,15 @@ def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
     tl.static_assert(BLOCK_M1 >= 16 and BLOCK_N1 >= 16 and BLOCK_M2 >= 16 and BLOCK_N2 >= 16)
     tl.static_assert(HEAD_DIM_PAD >= 16)
     pid = tl.program_id(0)
-    if PROGRAMS == "dkdv":
+    if PROGRAMS == "both":
+        tl.static_assert(not FUSED_DQ)
+        is_dkdv = pid < num_dkdv_programs
+        dq_pid = pid - num_dkdv_programs
+    else:   # a compile-time choice: the other kind's code is not generated
+        tl.static_assert(PROGRAMS == "dkdv" or PROGRAMS == "dq")
+        is_dkdv = PROGRAMS == "dkdv"
+        dq_pid = pid
+    if is_dkdv:
         _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
                                sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_n_blocks,
                                stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
@@ -330,32 +338,11 @@ def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
                                stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
                                NUM_HEADS // GROUP, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M1, BLOCK_N1,
                                IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ, COUNTED)
-    elif PROGRAMS == "dq":
-        _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK,
+    else:
+        _attn_bwd_dq_program(dq_pid, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK,
                              sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_m_blocks,
                              stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                              stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                              stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
                              NUM_HEADS, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M2, BLOCK_N2,
                              IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION)
-    else:
-        tl.static_assert(PROGRAMS == "both" and not FUSED_DQ)
-        if pid < num_dkdv_programs:
-            _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
-                                   sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right,
-                                   num_n_blocks,
-                                   stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-                                   stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
-                                   stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-                                   stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
-                                   NUM_HEADS // GROUP, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M1, BLOCK_N1,
-                                   IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, False, COUNTED)
-        else:
-            _attn_bwd_dq_program(pid - num_dkdv_programs, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ,
-                                 CuSeqlensK, sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right,
-                                 num_m_blocks,
-                                 stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-                                 stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
-                                 stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
-                                 NUM_HEADS, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M2, BLOCK_N2,
-                                 IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION)
