@@ -15,6 +15,11 @@ import triton
 from .flash_bwd import _attn_bwd, _attn_bwd_preprocess
 from .flash_fwd import _attn_fwd
 
+try:
+    from . import flash_bwd_hopper
+except ImportError:   # a Triton without Gluon's Hopper API (before 3.5): the Triton kernels run every pass
+    flash_bwd_hopper = None
+
 # Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at import: record it once.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -119,6 +124,22 @@ def use_one_launch(dkdv: KernelConfig, dq: KernelConfig, programs: int, dtype: t
         return False
     return programs <= ONE_LAUNCH_MAX_WAVES * _num_sms(device.index if device.index is not None
                                                         else torch.cuda.current_device())
+
+
+# The deterministic backward's dK/dV pass runs the warp-specialized Gluon kernel (flash_bwd_hopper.py)
+# where that kernel supports the inputs, unless this is False (tests and benchmarks compare the two).
+_gluon_dkdv = [True]
+
+
+@contextlib.contextmanager
+def override_gluon_dkdv(flag: bool):
+    """Allow (True) or forbid (False) the Gluon dK/dV kernel on Hopper."""
+    old = _gluon_dkdv[0]
+    _gluon_dkdv[0] = flag
+    try:
+        yield
+    finally:
+        _gluon_dkdv[0] = old
 
 
 @contextlib.contextmanager
@@ -269,6 +290,11 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     if fused:
         launch("dkdv", n_dkdv, cfg)
         return dq.to(q.dtype), dk, dv
+    if (flash_bwd_hopper is not None and _gluon_dkdv[0] and "dkdv" not in _overrides and _one_launch_override[0] is None and not INTERPRET
+            and flash_bwd_hopper.supported(q, k, v, dout, left, right, varlen)):
+        flash_bwd_hopper.attn_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, scale, causal=right == 0)
+        launch("dq", n_dq, cfg_dq)
+        return dq, dk, dv
     if use_one_launch(cfg, cfg_dq, n_dkdv + n_dq, q.dtype, q.device):
         launch("both", n_dkdv + n_dq, cfg)   # the dK/dV parameters' warps and stages for both kinds
     else:

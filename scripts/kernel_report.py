@@ -23,6 +23,7 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_report.py compiles the kernels for sm_90a: run it without TRITON_INTERPRET=1")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -31,11 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.flash_bwd import _attn_bwd  # noqa: E402
 from kernels.flash_fwd import _attn_fwd  # noqa: E402
 from kernels.launch import KernelConfig, hopper_config, parse_launch_spec  # noqa: E402
+import kernels.flash_bwd_hopper as ws  # noqa: E402
 
 MODEL_DIM = 2048                                   # as scripts/bench_attention.py
 # pass -> kernel; "bwd" is the one-launch backward (dK/dV and dQ programs in one grid, the dK/dV
 # parameters' warps and stages), compiled with the dkdv and dq entries' tiles
-KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd, "dq": _attn_bwd, "bwd": _attn_bwd}
+# "dkdv_ws": the warp-specialized Gluon dK/dV kernel (kernels/flash_bwd_hopper.py), its own launch parameters
+KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd, "dq": _attn_bwd, "bwd": _attn_bwd,
+           "dkdv_ws": ws._attn_bwd_dkdv_hopper}
 FP32_POINTERS = {"LSE", "Delta", "DLse"}
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -80,12 +84,36 @@ def tool(name: str) -> str:
     return str(path)
 
 
+def compile_gluon_ws(d: int, causal: bool):
+    """The Gluon dK/dV kernel compiled for sm_90a as attn_bwd_dkdv would launch it on the benchmark's
+    shapes: its arguments are built on the CPU and bound by Triton's own argument binder."""
+    from triton.compiler import make_backend
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import create_function_from_signature
+    fn, target = ws._attn_bwd_dkdv_hopper, GPUTarget("cuda", 90, 32)
+    heads, n, (block_m, stages) = MODEL_DIM // d, 1024, ws.launch_config(d, causal)
+    q, k, v, do = (torch.empty(1, n, heads, d, dtype=torch.bfloat16) for _ in range(4))
+    lse = torch.empty(1, heads, n)
+    args = (ws._desc(q, block_m), ws._desc(do, block_m), ws._desc(k, ws.HALF_N.value), ws._desc(v, ws.HALF_N.value),
+            lse, lse, k, v, 0.1, 0.1, n, lse.stride(0), lse.stride(1), k.stride(1), v.stride(1))
+    kwargs = dict(NUM_KV_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_M=block_m, STAGES=stages, CAUSAL=causal,
+                  num_warps=4, maxnreg=ws.MAXNREG)
+    backend = make_backend(target)
+    bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    options, sig, cons, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(GluonASTSource(fn, sig, cons, attrs), target=target, options=options.__dict__), \
+        KernelConfig(block_m, ws.BLOCK_N.value, 4, stages)
+
+
 def report(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: KernelConfig | None = None) -> dict:
     """Compile one kernel and read ptxas's and the SASS's account of it."""
     fn = KERNELS[pass_name]
-    compiled = triton.compile(ASTSource(fn, *signature(fn, constexprs(pass_name, d, causal, cfg, cfg_dq or cfg))),
-                              target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    if pass_name == "dkdv_ws":
+        compiled, cfg = compile_gluon_ws(d, causal)
+    else:
+        compiled = triton.compile(ASTSource(fn, *signature(fn, constexprs(pass_name, d, causal, cfg, cfg_dq or cfg))),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         ptx.write_text(compiled.asm["ptx"])
@@ -104,7 +132,8 @@ def report(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: Kern
     return dict(pass_name=pass_name, D=d, causal=causal, config=cfg.__dict__, registers=number(r"Used (\d+) registers"),
                 spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"),
                 serialized_wgmma="C7515" in log, hgmma=len(re.findall(r"\bHGMMA\b", sass)),
-                depbar=len(re.findall(r"WARPGROUP\.DEPBAR", sass)), shared_bytes=compiled.metadata.shared)
+                depbar=len(re.findall(r"WARPGROUP\.DEPBAR", sass)), shared_bytes=compiled.metadata.shared,
+                setmaxnreg=len(re.findall(r"SETMAXREG", sass)))
 
 
 def parse_config(text: str) -> tuple[str, KernelConfig]:
@@ -136,7 +165,7 @@ def main(argv=None) -> int:
     for d in args.dims:
         for causal in map(bool, args.causal):
             for pass_name in args.passes:
-                table = pass_name if pass_name != "bwd" else "dkdv"
+                table = {"bwd": "dkdv", "dkdv_ws": "dkdv"}.get(pass_name, pass_name)
                 cfg = chosen.get(table) or hopper_config(table, d, causal)
                 r = report(pass_name, d, causal, cfg, chosen.get("dq") or hopper_config("dq", d, causal))
                 rows.append(r)
