@@ -12,6 +12,7 @@ of HGMMA instructions and of WARPGROUP.DEPBAR waits (one wait per HGMMA is seria
 Run it without TRITON_INTERPRET. docs/perf-notes.md records what it found.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -146,6 +147,18 @@ def parse_config(text: str) -> tuple[str, KernelConfig]:
     return pass_name, cfg
 
 
+def loop_column(pass_name: str, counted: bool) -> str:
+    return ("counted" if counted else "tl.range") if pass_name in ("dkdv", "bwd") else "-"
+
+
+def parse_ws(text: str) -> tuple[int, int]:
+    try:
+        block_m, stages = map(int, text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ws {text!r}: expected BLOCK_M,STAGES") from None
+    return block_m, stages
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128], choices=[64, 128, 256])
@@ -154,9 +167,14 @@ def main(argv=None) -> int:
                     help="bwd: the one-launch backward, with the dkdv and dq parameters")
     ap.add_argument("--config", type=parse_config, action="append", default=[],
                     help="PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted] instead of the Hopper table entry (repeatable)")
+    ap.add_argument("--ws", type=parse_ws, default=None, metavar="BLOCK_M,STAGES",
+                    help="dkdv_ws launch parameters instead of kernels/flash_bwd_hopper.py's")
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel instead of the table")
     args = ap.parse_args(argv)
     chosen = dict(args.config)
+    stack = contextlib.ExitStack()   # held until main returns
+    if args.ws:
+        stack.enter_context(ws.override_launch(*args.ws))
     rows = []
     if not args.json:
         print("| pass | D | causal | BLOCK_M, BLOCK_N, warps, stages | dK/dV loop | registers | spill stores / loads "
@@ -174,7 +192,7 @@ def main(argv=None) -> int:
                 else:
                     c = r["config"]
                     print(f"| {pass_name} | {d} | {int(causal)} | {c['BLOCK_M']}, {c['BLOCK_N']}, {c['num_warps']}, "
-                          f"{c['num_stages']} | {('counted' if c['counted'] else 'tl.range') if pass_name in ('dkdv', 'bwd') else '-'} | {r['registers']} | "
+                          f"{c['num_stages']} | {loop_column(pass_name, c['counted'])} | {r['registers']} | "
                           f"{r['spill_stores']} / {r['spill_loads']} | {'**yes**' if r['serialized_wgmma'] else 'no'} | "
                           f"{r['hgmma']} | {r['depbar']} | {r['shared_bytes']} |", flush=True)
     return 0
