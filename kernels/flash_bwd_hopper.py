@@ -18,11 +18,9 @@ The consumers never wait for each other: no CTA-wide barrier, so while one compu
 other's products keep the tensor cores busy. GQA groups are summed in the accumulators as in the
 Triton kernel. The dQ pass stays the Triton kernel's.
 
-Scope (``supported`` says): bf16/fp16, head dim 64 or 128, batch layout with seqlen_q == seqlen_k a
-multiple of BLOCK_N, full or causal attention, no window, Q/dO/K/V rows addressable as 2-D
-(batch * seqlen, heads * head_dim) views. Anything else runs the Triton kernel. Gluon kernels do not
+Scope: kernels/hopper.py (``supported``); anything else runs the Triton kernel. Gluon kernels do not
 run under TRITON_INTERPRET: they are tested on the GPU, and compiled for sm_90a without one
-(tests/test_kernels.py, scripts/kernel_report.py).
+(tests/test_flash_bwd_hopper.py, scripts/kernel_report.py).
 """
 import contextlib
 
@@ -31,16 +29,12 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .hopper import CONSUMER_REGS, MAXNREG, in_scope, row_descriptor
 
 BLOCK_N = gl.constexpr(128)        # keys per program, 64 per consumer warpgroup
 HALF_N = gl.constexpr(64)
-CONSUMER_REGS = gl.constexpr(240)  # per thread, each consumer warpgroup (setmaxnreg); the producer warp gets 24
-MAXNREG = 168        # the kernel's cap: 3 warpgroups x 128 threads x 168 fits the 64K registers of an SM
-
-
-def _smem_layout(block_shape, dtype):
-    return gl.NVMMASharedLayout.get_default_for(block_shape, dtype)
+       # the kernel's cap: 3 warpgroups x 128 threads x 168 fits the 64K registers of an SM
 
 
 @gluon.jit
@@ -182,26 +176,9 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, LSE, Delta, DK, DV, s
                        [4, 1], [CONSUMER_REGS, 24])
 
 
-def _rows_view_ok(t: torch.Tensor) -> bool:
-    """(B, N, H, D) addressable as a (B * N, H * D) row view: contiguous heads and rows of whole batches,
-    16-byte aligned rows (TMA)."""
-    b, n, h, d = t.shape
-    return (t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == n * t.stride(1))
-            and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
-
-
 def supported(q, k, v, dout, left: int, right: int, varlen: bool) -> bool:
-    """Whether this kernel can run the dK/dV pass of these inputs (the module docstring's scope)."""
-    return (not varlen and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
-            and q.shape[1] == k.shape[1] and q.shape[1] % BLOCK_N.value == 0
-            and left < 0 and right in (-1, 0) and all(map(_rows_view_ok, (q, k, v, dout))))
-
-
-def _desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    b, n, h, d = t.shape
-    return TensorDescriptor(t, [b * n, h * d], [t.stride(1), 1], [rows, d],
-                            _smem_layout([rows, d], gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16))
+    """Whether this kernel can run the dK/dV pass of these inputs (kernels/hopper.py's scope)."""
+    return in_scope((q, k, v, dout), left, right, varlen)
 
 
 _override: list[tuple[int, int] | None] = [None]
@@ -232,7 +209,8 @@ def attn_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, scale: float, causal: bool)
     bm, st = launch_config(head_dim, causal)
     grid = (batch * nheads_k * (seqlen // BLOCK_N.value),)
     _attn_bwd_dkdv_hopper[grid](
-        _desc(q, bm), _desc(dout, bm), _desc(k, HALF_N.value), _desc(v, HALF_N.value), lse, delta, dk, dv,
+        row_descriptor(q, bm), row_descriptor(dout, bm), row_descriptor(k, HALF_N.value),
+        row_descriptor(v, HALF_N.value), lse, delta, dk, dv,
         scale, scale * 1.4426950408889634, seqlen, lse.stride(0), lse.stride(1), dk.stride(1), dv.stride(1),
         NUM_KV_HEADS=nheads_k, GROUP=nheads // nheads_k, HEAD_DIM=head_dim, BLOCK_M=bm, STAGES=st,
         CAUSAL=causal, num_warps=4, maxnreg=MAXNREG)

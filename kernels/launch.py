@@ -16,9 +16,9 @@ from .flash_bwd import _attn_bwd, _attn_bwd_preprocess
 from .flash_fwd import _attn_fwd
 
 try:
-    from . import flash_bwd_hopper
+    from . import flash_bwd_hopper, flash_fwd_hopper
 except ImportError:   # a Triton without Gluon's Hopper API (before 3.5): the Triton kernels run every pass
-    flash_bwd_hopper = None
+    flash_bwd_hopper = flash_fwd_hopper = None
 
 # Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at import: record it once.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -126,20 +126,30 @@ def use_one_launch(dkdv: KernelConfig, dq: KernelConfig, programs: int, dtype: t
                                                         else torch.cuda.current_device())
 
 
-# The deterministic backward's dK/dV pass runs the warp-specialized Gluon kernel (flash_bwd_hopper.py)
-# where that kernel supports the inputs, unless this is False (tests and benchmarks compare the two).
-_gluon_dkdv = [True]
+# The forward and the deterministic backward's dK/dV pass run the warp-specialized Gluon kernels
+# (flash_fwd_hopper.py, flash_bwd_hopper.py) where those support the inputs (kernels/hopper.py), for the
+# passes named here (tests and benchmarks compare them with the Triton kernels).
+GLUON_PASSES = ("fwd", "dkdv")
+_gluon_passes: list[frozenset] = [frozenset(GLUON_PASSES)]
 
 
 @contextlib.contextmanager
-def override_gluon_dkdv(flag: bool):
-    """Allow (True) or forbid (False) the Gluon dK/dV kernel on Hopper."""
-    old = _gluon_dkdv[0]
-    _gluon_dkdv[0] = flag
+def override_gluon(*passes: str):
+    """Use the Gluon kernels only for these passes ("fwd", "dkdv"); none given: the Triton kernels only."""
+    unknown = set(passes) - set(GLUON_PASSES)
+    if unknown:
+        raise ValueError(f"override_gluon: unknown passes {sorted(unknown)}; expected some of {GLUON_PASSES}")
+    old = _gluon_passes[0]
+    _gluon_passes[0] = frozenset(passes)
     try:
         yield
     finally:
-        _gluon_dkdv[0] = old
+        _gluon_passes[0] = old
+
+
+def _gluon(pass_name: str) -> bool:
+    return (flash_fwd_hopper is not None and not INTERPRET and pass_name in _gluon_passes[0]
+            and pass_name not in _overrides)
 
 
 @contextlib.contextmanager
@@ -219,6 +229,9 @@ def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
     else:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
+    if _gluon("fwd") and flash_fwd_hopper.supported(q, k, v, left, right, varlen):
+        flash_fwd_hopper.attn_fwd(q, k, v, out, lse, scale, causal=right == 0)
+        return out, lse
     cfg = get_config("fwd", d_pad, q.dtype, q.device, right >= 0)
     num_m = triton.cdiv(seqlen_q, cfg.BLOCK_M)
     grid = (num_m * batch * nheads,)
@@ -290,7 +303,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     if fused:
         launch("dkdv", n_dkdv, cfg)
         return dq.to(q.dtype), dk, dv
-    if (flash_bwd_hopper is not None and _gluon_dkdv[0] and "dkdv" not in _overrides and _one_launch_override[0] is None and not INTERPRET
+    if (_gluon("dkdv") and _one_launch_override[0] is None
             and flash_bwd_hopper.supported(q, k, v, dout, left, right, varlen)):
         flash_bwd_hopper.attn_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, scale, causal=right == 0)
         launch("dq", n_dq, cfg_dq)

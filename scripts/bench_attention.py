@@ -28,8 +28,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import flash_attn_func  # noqa: E402
-from kernels.flash_bwd_hopper import override_launch as override_ws_launch  # noqa: E402
-from kernels.launch import (KernelConfig, get_config, override_configs, override_gluon_dkdv,  # noqa: E402
+from kernels import flash_bwd_hopper, flash_fwd_hopper  # noqa: E402
+from kernels.launch import (KernelConfig, get_config, override_configs, override_gluon,  # noqa: E402
                             override_one_launch, parse_launch_spec)
 
 TOKENS, MODEL_DIM = 16384, 2048
@@ -52,22 +52,35 @@ def _with_context(fn, context):
 
 def variant(name, causal):
     """'ours_2launch+dkdv=64,128,8,2,counted[+dq=...]' (or ours / ours_1launch): ours with these launch
-    parameters, for same-run comparisons of launch-table candidates. 'ours+ws=BLOCK_M,STAGES': the Gluon
-    dK/dV kernel (kernels/flash_bwd_hopper.py) with these parameters."""
+    parameters, for same-run comparisons of launch-table candidates. 'ours+wsf=BLOCK_N,STAGES' and
+    'ours+ws=BLOCK_M,STAGES': the Gluon forward / dK/dV kernels (kernels/flash_{fwd,bwd}_hopper.py) with
+    these parameters (either or both)."""
     base, *specs = name.split("+")
+    usage = (f"provider {name!r}: expected ours[_1launch|_2launch]+PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted] "
+             "or ours+wsf=BLOCK_N,STAGES[+ws=BLOCK_M,STAGES]")
     if base not in ("ours", "ours_1launch", "ours_2launch") or not specs:
-        raise ValueError(f"provider {name!r}: expected ours[_1launch|_2launch]+PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted]"
-                         " or ours+ws=BLOCK_M,STAGES")
-    ws = [tuple(map(int, s[3:].split(","))) for s in specs if s.startswith("ws=")]
-    if ws and (len(specs) != 1 or base != "ours" or len(ws[0]) != 2):
-        raise ValueError(f"provider {name!r}: expected ours+ws=BLOCK_M,STAGES")
-    configs = {} if ws else dict(parse_launch_spec(spec) for spec in specs)
+        raise ValueError(usage)
+    gluon = {}   # kernel module -> (block, stages)
+    for spec in specs:
+        key, _, values = spec.partition("=")
+        if key in ("ws", "wsf"):
+            parts = values.split(",")
+            if base != "ours" or len(parts) != 2 or not all(p.isdigit() for p in parts):
+                raise ValueError(usage)
+            gluon[flash_bwd_hopper if key == "ws" else flash_fwd_hopper] = tuple(map(int, parts))
+    if gluon and len(gluon) != len(specs):
+        raise ValueError(usage)
+    configs = {} if gluon else dict(parse_launch_spec(spec) for spec in specs)
     one = {"ours": None, "ours_1launch": True, "ours_2launch": False}[base]
 
     @contextlib.contextmanager
     def context():
-        with override_configs(**configs), (override_one_launch(one) if one is not None else contextlib.nullcontext()), \
-                (override_ws_launch(*ws[0]) if ws else contextlib.nullcontext()):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(override_configs(**configs))
+            if one is not None:
+                stack.enter_context(override_one_launch(one))
+            for module, launch in gluon.items():
+                stack.enter_context(module.override_launch(*launch))
             yield
     return "bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), context)
 
@@ -89,9 +102,9 @@ def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=()):
 
     providers = {
         "ours": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal)),
-        # the Triton dK/dV kernel where ours would take the Gluon one (kernels/flash_bwd_hopper.py)
+        # the Triton kernels where ours would take the Gluon ones (kernels/flash_{fwd,bwd}_hopper.py)
         "ours_triton": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
-                                              lambda: override_gluon_dkdv(False))),
+                                              lambda: override_gluon())),
         # five-product backward with an atomic fp32 dQ (its forward is ours)
         "ours_atomic": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=False)),
         # the deterministic backward forced into one launch (dK/dV and dQ programs in one grid) / two

@@ -34,13 +34,15 @@ from kernels.flash_bwd import _attn_bwd  # noqa: E402
 from kernels.flash_fwd import _attn_fwd  # noqa: E402
 from kernels.launch import KernelConfig, hopper_config, parse_launch_spec  # noqa: E402
 import kernels.flash_bwd_hopper as ws  # noqa: E402
+import kernels.flash_fwd_hopper as fws  # noqa: E402
+from kernels.hopper import MAXNREG, row_descriptor  # noqa: E402
 
 MODEL_DIM = 2048                                   # as scripts/bench_attention.py
 # pass -> kernel; "bwd" is the one-launch backward (dK/dV and dQ programs in one grid, the dK/dV
 # parameters' warps and stages), compiled with the dkdv and dq entries' tiles
 # "dkdv_ws": the warp-specialized Gluon dK/dV kernel (kernels/flash_bwd_hopper.py), its own launch parameters
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd, "dq": _attn_bwd, "bwd": _attn_bwd,
-           "dkdv_ws": ws._attn_bwd_dkdv_hopper}
+           "fwd_ws": fws._attn_fwd_hopper, "dkdv_ws": ws._attn_bwd_dkdv_hopper}
 FP32_POINTERS = {"LSE", "Delta", "DLse"}
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -85,32 +87,42 @@ def tool(name: str) -> str:
     return str(path)
 
 
-def compile_gluon_ws(d: int, causal: bool):
-    """The Gluon dK/dV kernel compiled for sm_90a as attn_bwd_dkdv would launch it on the benchmark's
-    shapes: its arguments are built on the CPU and bound by Triton's own argument binder."""
+def compile_gluon(pass_name: str, d: int, causal: bool):
+    """A Gluon kernel ("fwd_ws" or "dkdv_ws") compiled for sm_90a as its launcher would launch it on the
+    benchmark's shapes: the arguments are built on the CPU and bound by Triton's own argument binder.
+    Returns the compiled kernel and its launch parameters as a KernelConfig (BLOCK_M, BLOCK_N, 4, STAGES)."""
     from triton.compiler import make_backend
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import create_function_from_signature
-    fn, target = ws._attn_bwd_dkdv_hopper, GPUTarget("cuda", 90, 32)
-    heads, n, (block_m, stages) = MODEL_DIM // d, 1024, ws.launch_config(d, causal)
+    fn, target = KERNELS[pass_name], GPUTarget("cuda", 90, 32)
+    heads, n = MODEL_DIM // d, 1024
     q, k, v, do = (torch.empty(1, n, heads, d, dtype=torch.bfloat16) for _ in range(4))
     lse = torch.empty(1, heads, n)
-    args = (ws._desc(q, block_m), ws._desc(do, block_m), ws._desc(k, ws.HALF_N.value), ws._desc(v, ws.HALF_N.value),
-            lse, lse, k, v, 0.1, 0.1, n, lse.stride(0), lse.stride(1), k.stride(1), v.stride(1))
-    kwargs = dict(NUM_KV_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_M=block_m, STAGES=stages, CAUSAL=causal,
-                  num_warps=4, maxnreg=ws.MAXNREG)
+    if pass_name == "fwd_ws":
+        block_n, stages = fws.launch_config(d, causal)
+        cfg = KernelConfig(fws.BLOCK_M.value, block_n, 4, stages)
+        args = (row_descriptor(q, fws.HALF_M.value), row_descriptor(k, block_n), row_descriptor(v, block_n), q, lse,
+                0.1, n, q.stride(1), lse.stride(0), lse.stride(1))
+        kwargs = dict(NUM_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal)
+    else:
+        block_m, stages = ws.launch_config(d, causal)
+        cfg = KernelConfig(block_m, ws.BLOCK_N.value, 4, stages)
+        args = (row_descriptor(q, block_m), row_descriptor(do, block_m), row_descriptor(k, ws.HALF_N.value),
+                row_descriptor(v, ws.HALF_N.value), lse, lse, k, v, 0.1, 0.1, n, lse.stride(0), lse.stride(1),
+                k.stride(1), v.stride(1))
+        kwargs = dict(NUM_KV_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_M=block_m, STAGES=stages, CAUSAL=causal)
+    kwargs.update(num_warps=4, maxnreg=MAXNREG)
     backend = make_backend(target)
     bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
     options, sig, cons, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(GluonASTSource(fn, sig, cons, attrs), target=target, options=options.__dict__), \
-        KernelConfig(block_m, ws.BLOCK_N.value, 4, stages)
+    return triton.compile(GluonASTSource(fn, sig, cons, attrs), target=target, options=options.__dict__), cfg
 
 
 def report(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: KernelConfig | None = None) -> dict:
     """Compile one kernel and read ptxas's and the SASS's account of it."""
     fn = KERNELS[pass_name]
-    if pass_name == "dkdv_ws":
-        compiled, cfg = compile_gluon_ws(d, causal)
+    if pass_name.endswith("_ws"):
+        compiled, cfg = compile_gluon(pass_name, d, causal)
     else:
         compiled = triton.compile(ASTSource(fn, *signature(fn, constexprs(pass_name, d, causal, cfg, cfg_dq or cfg))),
                                   target=GPUTarget("cuda", 90, 32),
@@ -183,7 +195,7 @@ def main(argv=None) -> int:
     for d in args.dims:
         for causal in map(bool, args.causal):
             for pass_name in args.passes:
-                table = {"bwd": "dkdv", "dkdv_ws": "dkdv"}.get(pass_name, pass_name)
+                table = {"bwd": "dkdv", "dkdv_ws": "dkdv", "fwd_ws": "fwd"}.get(pass_name, pass_name)
                 cfg = chosen.get(table) or hopper_config(table, d, causal)
                 r = report(pass_name, d, causal, cfg, chosen.get("dq") or hopper_config("dq", d, causal))
                 rows.append(r)

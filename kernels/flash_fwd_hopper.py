@@ -1,0 +1,197 @@
+"""FlashAttention forward on Hopper (sm_90), warp-specialized, in Gluon (Triton's explicit dialect).
+
+The same online softmax as kernels/flash_fwd.py (base-2 scores with the scale folded in, natural-log
+LSE out), with the work split into warp roles instead of one software pipeline that syncs all warps
+at every key tile. One program owns BLOCK_M = 128 query rows of one head:
+
+- a producer warp loads the two 64-row halves of Q once, then streams K and V tiles (BLOCK_N rows)
+  through a ring of STAGES shared-memory slots with TMA, K and V on separate "ready" mbarriers so the
+  scores can start before V has landed; it refills a slot once both consumers released it;
+- two consumer warpgroups each own 64 query rows, their running max, sum and output in registers.
+  Per key tile a consumer computes S = Q K^T, the softmax update, and O += P V (P from registers),
+  then releases the slot.
+
+The consumers never wait for each other, so one's exponentials overlap the other's products. Causal
+masking is applied only on the tiles that cross the diagonal. Scope: kernels/hopper.py at head dim 128
+(``supported``); everything else runs the Triton forward. Tested on the GPU and compiled for sm_90a without one
+(tests/test_flash_bwd_hopper.py, scripts/kernel_report.py).
+"""
+import contextlib
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from .hopper import CONSUMER_REGS, MAXNREG, in_scope, row_descriptor
+
+BLOCK_M = gl.constexpr(128)   # query rows per program, 64 per consumer warpgroup
+HALF_M = gl.constexpr(64)
+
+
+@gluon.jit
+def _producer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: both halves of Q once, then K and V tile by tile through the slot ring."""
+    (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty,
+     q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0) = args
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    for half in gl.static_range(2):
+        tma.async_copy_global_to_shared(q_desc, [q_row0 + half * HALF_M, h * HEAD_DIM], q_bar, q_smem.index(half))
+    for j in range(n_tiles):
+        slot = j % STAGES
+        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
+        row = k_row0 + j * BLOCK_N
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, hk * HEAD_DIM], k_ready.index(slot), k_bufs.index(slot))
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, hk * HEAD_DIM], v_ready.index(slot), v_bufs.index(slot))
+
+
+@gluon.jit
+def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              HALF: gl.constexpr):
+    """One warpgroup: output rows [m0 + HALF * 64, + 64) and their LSE."""
+    (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty,
+     q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0) = args
+    dtype: gl.constexpr = q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    first_row = m0 + HALF * HALF_M
+    offs_m = first_row + gl.arange(0, HALF_M, layout=row_s)
+    offs_c = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([HALF_M], gl.float32, row_s)
+    acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
+    s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+    q_s = q_smem.index(HALF)
+    mbarrier.wait(q_bar, 0)
+    for j in range(n_tiles):
+        slot = j % STAGES
+        phase = (j // STAGES) & 1
+        mbarrier.wait(k_ready.index(slot), phase)
+        s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        s = s * qk_scale
+        # causal: only tiles reaching past this warpgroup's first row need the mask. Every row sees key
+        # 0 in the first tile, so its running max is finite from then on and masked scores give p = 0.
+        if CAUSAL:
+            if (j + 1) * BLOCK_N > first_row + 1:
+                s = gl.where(offs_m[:, None] >= (j * BLOCK_N + offs_c)[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        p = gl.exp2(s - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        m_i = m_new
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(slot), phase)
+        acc = warpgroup_mma(p_op, v_bufs.index(slot), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+        mbarrier.arrive(empty.index(slot), count=1)
+
+    acc = acc / gl.convert_layout(l_i, row_o)[:, None]
+    rows = q_row0 + HALF * HALF_M + gl.arange(0, HALF_M, layout=row_o)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    gl.store(Out + (h * HEAD_DIM).to(gl.int64) + rows.to(gl.int64)[:, None] * stride_om + offs_d[None, :],
+             acc.to(dtype))
+    gl.store(LSE + lse_row0 + HALF * HALF_M + gl.arange(0, HALF_M, layout=row_s),
+             (m_i + gl.log2(l_i)) * 0.6931471805599453)
+
+
+@gluon.jit
+def _consumer_hi(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    _consumer(args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, 1)
+
+
+@gluon.jit
+def _producer_ws(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    _producer(args, HEAD_DIM, BLOCK_N, STAGES)
+
+
+@gluon.jit
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_om, stride_lb, stride_lh,
+                     NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """grid: (batch * NUM_HEADS * seqlen / BLOCK_M,), a head's query blocks adjacent, longest rows first.
+    Descriptors over (batch * seqlen, heads * HEAD_DIM) row views; Out (batch, seqlen, heads, HEAD_DIM)
+    with row stride stride_om; LSE (batch, heads, seqlen) fp32."""
+    num_m = seqlen // BLOCK_M
+    pid = gl.program_id(0)
+    pid_bh = pid // num_m
+    m0 = (num_m - 1 - pid % num_m) * BLOCK_M
+    b = pid_bh // NUM_HEADS
+    h = pid_bh % NUM_HEADS
+    hk = h // GROUP
+    q_row0 = b * seqlen + m0
+    k_row0 = b * seqlen
+    n_tiles = (m0 + BLOCK_M) // BLOCK_N if CAUSAL else seqlen // BLOCK_N
+    lse_row0 = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + m0
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)   # both consumer warpgroups release a slot
+    fence_async_shared()
+
+    args = (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty,
+            q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0)
+    gl.warp_specialize([(_consumer, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, 0)),
+                        (_consumer_hi, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+                        (_producer_ws, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL))],
+                       [4, 1], [CONSUMER_REGS, 24])
+
+
+def supported(q, k, v, left: int, right: int, varlen: bool) -> bool:
+    """Whether this kernel runs the forward of these inputs: kernels/hopper.py's scope at head dim 128.
+    At head dim 64 the Triton forward is as fast without the mask and faster with it (H200, 4K-16K:
+    causal 360-403 TFLOP/s against this kernel's 330-387; docs/perf-notes.md), so it keeps that case."""
+    return q.shape[-1] == 128 and in_scope((q, k, v), left, right, varlen)
+
+
+_override: list[tuple[int, int] | None] = [None]
+
+
+@contextlib.contextmanager
+def override_launch(block_n: int, stages: int):
+    """Force (BLOCK_N, STAGES): benchmarks and tests."""
+    old = _override[0]
+    _override[0] = (block_n, stages)
+    try:
+        yield
+    finally:
+        _override[0] = old
+
+
+def launch_config(head_dim: int, causal: bool) -> tuple[int, int]:
+    """(BLOCK_N, STAGES): key rows per tile and slots in the ring."""
+    if _override[0] is not None:
+        return _override[0]
+    return (128, 2) if head_dim == 128 else (128, 3)
+
+
+def attn_fwd(q, k, v, out, lse, scale: float, causal: bool):
+    """Output into ``out`` ((B, N, H, D), contiguous) and the natural-log LSE into ``lse`` ((B, H, N) fp32)."""
+    batch, seqlen, nheads, head_dim = q.shape
+    block_n, stages = launch_config(head_dim, causal)
+    grid = (batch * nheads * (seqlen // BLOCK_M.value),)
+    _attn_fwd_hopper[grid](
+        row_descriptor(q, HALF_M.value), row_descriptor(k, block_n), row_descriptor(v, block_n), out, lse,
+        scale * 1.4426950408889634, seqlen, out.stride(1), lse.stride(0), lse.stride(1),
+        NUM_HEADS=nheads, GROUP=nheads // k.shape[2], HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages,
+        CAUSAL=causal, num_warps=4, maxnreg=MAXNREG)

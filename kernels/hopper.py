@@ -1,0 +1,40 @@
+"""What the Gluon kernels for Hopper share (kernels/flash_fwd_hopper.py, kernels/flash_bwd_hopper.py):
+which inputs they take, and the TMA descriptors over them.
+
+Both kernels read Q, K, V (and dO) as 2-D row views (batch * seqlen, heads * head_dim), one tile a
+TMA copy. They take bf16/fp16 inputs with head dim 64 or 128, the batch layout with seqlen_q ==
+seqlen_k a multiple of 128, full or causal attention (no window), on sm_90; everything else runs
+the Triton kernels.
+"""
+import torch
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+SEQ_MULTIPLE = 128   # both kernels tile the sequence in blocks of 128 (two warpgroups of 64 rows)
+MAXNREG = 168        # kernel-wide register cap: 3 warpgroups x 128 threads x 168 fit an SM's 64K registers
+CONSUMER_REGS = gl.constexpr(240)  # each consumer warpgroup's registers per thread after setmaxnreg (the producer keeps 24)
+
+
+def rows_view_ok(t: torch.Tensor) -> bool:
+    """(B, N, H, D) addressable as a (B * N, H * D) row view: contiguous heads, rows of whole batches,
+    16-byte aligned rows (TMA)."""
+    b, n, h, d = t.shape
+    return (t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == n * t.stride(1))
+            and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
+def in_scope(tensors, left: int, right: int, varlen: bool) -> bool:
+    """Whether the Gluon kernels take these (q, k, v[, dout]) with this window."""
+    q, k = tensors[0], tensors[1]
+    return (not varlen and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+            and q.shape[1] == k.shape[1] and q.shape[1] % SEQ_MULTIPLE == 0
+            and left < 0 and right in (-1, 0) and all(map(rows_view_ok, tensors)))
+
+
+def row_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """TMA descriptor over (B * N, H * D) reading tiles of `rows` rows by one head's D columns."""
+    b, n, h, d = t.shape
+    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    return TensorDescriptor(t, [b * n, h * d], [t.stride(1), 1], [rows, d],
+                            gl.NVMMASharedLayout.get_default_for([rows, d], dtype))

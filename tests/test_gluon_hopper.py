@@ -1,0 +1,119 @@
+"""The warp-specialized Gluon kernels for Hopper: forward (kernels/flash_fwd_hopper.py) and dK/dV
+(kernels/flash_bwd_hopper.py).
+
+Gluon kernels do not run in Triton's interpreter: on a CPU machine they are compiled for sm_90a
+(register reallocation, no serialized wgmma); on a Hopper GPU their outputs, LSE and gradients go
+against the float64 oracle with the same criterion as every other kernel test, and against the
+Triton kernels.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+import kernels.flash_bwd_hopper as bwd_hopper
+import kernels.flash_fwd_hopper as fwd_hopper
+from kernels import flash_attn_func
+from kernels.hopper import MAXNREG
+from kernels.launch import override_gluon
+from kernels.reference import attention_ref
+from test_kernels import check_against_oracle, make_qkv
+
+ROOT = Path(__file__).resolve().parents[1]
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How many times each Gluon kernel ran: {"fwd": n, "dkdv": n}."""
+    count = {"fwd": 0, "dkdv": 0}
+
+    def spy(name, module, attr):
+        real = getattr(module, attr)
+
+        def wrapped(*args, **kwargs):
+            count[name] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, attr, wrapped)
+    spy("fwd", fwd_hopper, "attn_fwd")
+    spy("dkdv", bwd_hopper, "attn_bwd_dkdv")
+    return count
+
+
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("B,N,H,Hk", [(2, 256, 2, 2), (1, 384, 4, 2), (1, 128, 3, 1)],
+                         ids=["B2", "gqa", "mqa"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_matches_oracle(D, causal, B, N, H, Hk, dtype, calls):
+    inputs = make_qkv(B, N, N, H, Hk, D, dtype, torch.device("cuda"))
+    check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True),
+                         lambda q, k, v: attention_ref(q, k, v, causal=causal), inputs)
+    assert calls == {"fwd": int(D == 128), "dkdv": 1}   # the Gluon forward runs at head dim 128 only
+
+
+@needs_hopper
+@pytest.mark.parametrize("fwd_launch,bwd_launch", [((128, 2), (64, 2)), ((128, 3), (64, 3)), ((64, 3), (32, 4))])
+def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls):
+    # q, k, v as views of one packed (B, N, 3, H, D) tensor (rows strided by 3 * H * D), every launch
+    # shape the benchmark may pick; the results equal the Triton kernels' within rounding
+    qkv = torch.randn(2, 512, 3, 4, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    with fwd_hopper.override_launch(*fwd_launch), bwd_hopper.override_launch(*bwd_launch):
+        check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=True, return_lse=True),
+                             lambda q, k, v: attention_ref(q, k, v, causal=True), [q, k, v])
+        assert calls == {"fwd": 1, "dkdv": 1}
+        dout = torch.randn_like(q)
+        results = []
+        for passes in (("fwd", "dkdv"), ()):
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            with override_gluon(*passes):
+                out, lse = flash_attn_func(*leaves, causal=True, return_lse=True)
+                out.backward(dout)
+            results.append([out, lse] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+
+@needs_hopper
+def test_out_of_scope_inputs_take_the_triton_kernel(calls):
+    for kw, shape in [(dict(window_size=(32, 0)), (1, 256, 2, 64)), ({}, (1, 200, 2, 64)),
+                      ({}, (1, 256, 2, 96))]:
+        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        flash_attn_func(q, k, v, causal=True, **kw).sum().backward()
+    assert calls == {"fwd": 0, "dkdv": 0}
+    q, k, v = (torch.randn(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    with override_gluon():
+        flash_attn_func(q, k, v).sum().backward()
+    assert calls == {"fwd": 0, "dkdv": 0}
+    with override_gluon("fwd"):
+        flash_attn_func(q, k, v).sum().backward()
+    assert calls == {"fwd": 1, "dkdv": 0}
+    with pytest.raises(ValueError, match="unknown passes"):
+        with override_gluon("dq"):
+            pass
+
+
+@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists(),
+                    reason="this Triton has no bundled ptxas")
+def test_compile_for_hopper_warp_specialized():
+    # no GPU needed: both kernels compile for sm_90a with register reallocation between the warp roles,
+    # and their tensor-core products are not serialized (a few waits per loop, not one per HGMMA)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_report.py"), "--dims", "128", "--causal", "1",
+                          "--passes", "fwd_ws", "dkdv_ws", "--json"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    reports = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
+    assert [r["pass_name"] for r in reports] == ["fwd_ws", "dkdv_ws"]
+    for r in reports:
+        assert r["setmaxnreg"] > 0 and r["registers"] <= MAXNREG
+        assert not r["serialized_wgmma"] and r["hgmma"] > 0 and r["depbar"] < r["hgmma"] / 4
