@@ -105,9 +105,11 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
             lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             s_t = warpgroup_mma_wait(1, deps=(s_t, ))
             p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
-            if CAUSAL:   # only the tiles whose first query row lies before this warpgroup's last key
-                if t * BLOCK_M < (HALF + 1) * HALF_N - 1:
-                    p_t = gl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            # causal: every tile takes the mask. Masking only the diagonal tiles (a runtime branch) cost
+            # spills at d128 and 3% there (H200, docs/perf-notes.md); a separate masked loop serializes
+            # the wgmma (two loops, as in the Triton kernel)
+            if CAUSAL:
+                p_t = gl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
             p_op = gl.convert_layout(p_t.to(dtype), op_layout)
             dv = warpgroup_mma(p_op, do_s, dv, is_async=True)
             dp_t = warpgroup_mma_wait(1, deps=(dp_t, ))

@@ -11,6 +11,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 SEQ_MULTIPLE = 128   # both kernels tile the sequence in blocks of 128 (two warpgroups of 64 rows)
+# Causal sequences shorter than this run the Triton kernels: at 1K (1 to 8 key tiles a program) both Gluon
+# kernels were slower than the Triton ones on the H200 (d128 fwd+bwd 146-167 vs 152-172 TFLOP/s, d64 125
+# vs 149), and faster or level from 2K on (docs/perf-notes.md).
+MIN_CAUSAL_SEQLEN = 2048
 MAXNREG = 168        # kernel-wide register cap: 3 warpgroups x 128 threads x 168 fit an SM's 64K registers
 CONSUMER_REGS = gl.constexpr(240)  # each consumer warpgroup's registers per thread after setmaxnreg (the producer keeps 24)
 
@@ -29,7 +33,8 @@ def in_scope(tensors, left: int, right: int, varlen: bool) -> bool:
     return (not varlen and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
             and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
             and q.shape[1] == k.shape[1] and q.shape[1] % SEQ_MULTIPLE == 0
-            and left < 0 and right in (-1, 0) and all(map(rows_view_ok, tensors)))
+            and left < 0 and (right == -1 or (right == 0 and q.shape[1] >= MIN_CAUSAL_SEQLEN))
+            and all(map(rows_view_ok, tensors)))
 
 
 def row_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:

@@ -30,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.launch import override_gluon  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from training.device import autocast, peak_flops, resolve_device  # noqa: E402
 from training.logger import RunLogger  # noqa: E402
@@ -48,6 +49,8 @@ CONFIGS = {
     "sdpa_flash+plan": ("sdpa", "flash", PLAN),
     "sdpa_flash": ("sdpa", "flash", NO_PLAN),
     "naive": ("naive", "efficient", NO_PLAN),
+    # ours with the Triton kernels only, where the Gluon ones would run (kernels/launch.py: override_gluon)
+    "flash_triton": ("flash", "efficient", NO_PLAN),
 }
 # GPTConfig fields besides seq_len; RoPE instead of a position table. vocab 50304 = GPT-2's, padded.
 MODELS = {
@@ -110,6 +113,7 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
         warm_host_memory(model, 1, seq_len, torch.bfloat16)
     opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device.type)
     step_model = torch.compile(model) if compile else model
+    kernels = override_gluon if name == "flash_triton" else contextlib.nullcontext   # entered per pass
     x = torch.randint(0, cfg.vocab_size, (1, seq_len), device=device)
     y = torch.randint(0, cfg.vocab_size, (1, seq_len), device=device)
     sync = torch.cuda.synchronize if cuda else lambda: None
@@ -123,12 +127,13 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
         # first step only: they cost a Python call per saved tensor)
         saved = SavedForBackward(model.parameters()) if i == 0 and not cuda else contextlib.nullcontext()
         t0 = time.perf_counter()
-        with autocast("auto", device), saved:
+        with autocast("auto", device), saved, kernels():
             _, loss = step_model(x, targets=y)
         sync()
         if i == 0:
             kept = torch.cuda.memory_allocated() - before if cuda else saved.nbytes
-        loss.backward()
+        with kernels():
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()

@@ -49,7 +49,7 @@ def calls(monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("B,N,H,Hk", [(2, 256, 2, 2), (1, 384, 4, 2), (1, 128, 3, 1)],
+@pytest.mark.parametrize("B,N,H,Hk", [(2, 2048, 2, 2), (1, 2176, 4, 2), (1, 2048, 3, 1)],
                          ids=["B2", "gqa", "mqa"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_matches_oracle(D, causal, B, N, H, Hk, dtype, calls):
@@ -64,7 +64,7 @@ def test_matches_oracle(D, causal, B, N, H, Hk, dtype, calls):
 def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls):
     # q, k, v as views of one packed (B, N, 3, H, D) tensor (rows strided by 3 * H * D), every launch
     # shape the benchmark may pick; the results equal the Triton kernels' within rounding
-    qkv = torch.randn(2, 512, 3, 4, 128, device="cuda", dtype=torch.bfloat16)
+    qkv = torch.randn(2, 2048, 3, 4, 128, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.unbind(2)
     with fwd_hopper.override_launch(*fwd_launch), bwd_hopper.override_launch(*bwd_launch):
         check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=True, return_lse=True),
@@ -84,8 +84,9 @@ def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls):
 
 @needs_hopper
 def test_out_of_scope_inputs_take_the_triton_kernel(calls):
-    for kw, shape in [(dict(window_size=(32, 0)), (1, 256, 2, 64)), ({}, (1, 200, 2, 64)),
-                      ({}, (1, 256, 2, 96))]:
+    # a window; a length not a multiple of 128; head dim 96; causal shorter than MIN_CAUSAL_SEQLEN
+    for kw, shape in [(dict(window_size=(32, 0)), (1, 2048, 2, 64)), ({}, (1, 2000, 2, 64)),
+                      ({}, (1, 2048, 2, 96)), ({}, (1, 1024, 2, 128))]:
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         flash_attn_func(q, k, v, causal=True, **kw).sum().backward()
     assert calls == {"fwd": 0, "dkdv": 0}
