@@ -42,7 +42,7 @@ def _producer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
               CAUSAL: gl.constexpr):
     """One warp: K and V once, then every query tile's Q and dO through the slot ring."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
-     q_row0, k_row0, hk, m_lo, n_tiles, LSE, Delta, lse_base, stride_lh, offs_n0, qk_scale,
+     q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, offs_n0, qk_scale,
      DK, DV, stride_dkm, stride_dvm, sm_scale) = args
     mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
     for half in gl.static_range(2):
@@ -67,7 +67,7 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
               CAUSAL: gl.constexpr, HALF: gl.constexpr):
     """One warpgroup: dK and dV of keys [offs_n0 + HALF * 64, + 64), stored in fp32 registers."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
-     q_row0, k_row0, hk, m_lo, n_tiles, LSE, Delta, lse_base, stride_lh, offs_n0, qk_scale,
+     q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, offs_n0, qk_scale,
      DK, DV, stride_dkm, stride_dvm, sm_scale) = args
     dtype: gl.constexpr = q_desc.dtype
     # S^T and dP^T: (64 keys, BLOCK_M queries); dK, dV: (64 keys, HEAD_DIM)
@@ -89,20 +89,18 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
     mbarrier.wait(kv_bar, 0)
     it = 0
     for g in range(GROUP):
-        lse_ptr = LSE + lse_base + (hk * GROUP + g).to(gl.int64) * stride_lh
+        lse_ptr = Lse2 + lse_base + (hk * GROUP + g).to(gl.int64) * stride_lh
         delta_ptr = Delta + lse_base + (hk * GROUP + g).to(gl.int64) * stride_lh
         for t in range(n_tiles):
             slot = it % STAGES
             offs_m = m_lo + t * BLOCK_M + offs_c
-            lse = gl.load(lse_ptr + offs_m)
+            lse2 = gl.load(lse_ptr + offs_m)
             delta = gl.load(delta_ptr + offs_m)
             q_s = q_bufs.index(slot)
             do_s = do_bufs.index(slot)
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
             s_t = warpgroup_mma(k_s, q_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             dp_t = warpgroup_mma(v_s, do_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            # rows that saw no key have LSE -inf; +inf makes their P exactly 0 instead of NaN
-            lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             s_t = warpgroup_mma_wait(1, deps=(s_t, ))
             p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
             # causal: every tile takes the mask. Masking only the diagonal tiles (a runtime branch) cost
@@ -137,13 +135,14 @@ def _store_tile(ptr, stride_row, offs_n, acc, layout: gl.constexpr, HEAD_DIM: gl
 
 
 @gluon.jit
-def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, LSE, Delta, DK, DV, sm_scale, qk_scale, seqlen,
+def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, Lse2, Delta, DK, DV, sm_scale, qk_scale, seqlen,
                           stride_lb, stride_lh, stride_dkm, stride_dvm,
                           NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                           BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """grid: (batch * NUM_KV_HEADS * seqlen / BLOCK_N,), key blocks of one head adjacent (heaviest first
     when causal). Q, dO, K, V descriptors are over (batch * seqlen, heads * HEAD_DIM) row views; DK, DV
-    are (batch, seqlen, kv heads, HEAD_DIM) with row stride stride_dkm / stride_dvm."""
+    are (batch, seqlen, kv heads, HEAD_DIM) with row stride stride_dkm / stride_dvm; Lse2 (the LSE times
+    log2(e), +inf where it is -inf) and Delta are (batch, heads, seqlen) fp32."""
     num_n = seqlen // BLOCK_N
     pid = gl.program_id(0)
     pid_bh = pid // num_n
@@ -171,7 +170,7 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, LSE, Delta, DK, DV, s
     fence_async_shared()
 
     args = (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
-            q_row0, k_row0, hk, m_lo, n_tiles, LSE, Delta, lse_base, stride_lh, n0, qk_scale,
+            q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, n0, qk_scale,
             DK, DV, stride_dkm, stride_dvm, sm_scale)
     gl.warp_specialize([(_consumer, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, 0)),
                         (_consumer_hi, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL)),
@@ -207,6 +206,10 @@ def launch_config(head_dim: int, causal: bool) -> tuple[int, int]:
 
 def attn_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, scale: float, causal: bool):
     """dK and dV into ``dk``, ``dv`` ((B, N, H_kv, D), contiguous); lse and delta (B, H, N) fp32."""
+    # the kernel reads the LSE in base 2, with +inf for rows that saw no key (their P is then exactly 0,
+    # not NaN): one pass over (B, H, N) here instead of a select and a multiply per element in the loop,
+    # where the d64 kernel is bound by its elementwise work (docs/perf-notes.md)
+    lse = torch.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     bm, st = launch_config(head_dim, causal)
