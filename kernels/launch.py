@@ -255,6 +255,9 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     takes dQ from the dK/dV pass by fp32 atomics (five products per tile pair instead of seven)."""
     dout = _contig_last(dout)
     q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
+    # delta is allocated like lse and both are indexed with lse's strides: a caller's strided view of a
+    # larger lse (a kept forward's, sliced) would not fit the allocation
+    lse = lse.contiguous()
     varlen, batch, seqlen_q, seqlen_k = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     nheads, nheads_k, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     d_pad = _head_dim_pad(head_dim)

@@ -308,6 +308,12 @@ def test_backward_from_kept_output_matches_autograd(varlen, device):
     got = flash_attn_backward(dout, q, k, v, out.detach(), lse.detach(), **kw)
     for g, leaf in zip(got, leaves):
         assert torch.equal(g, leaf.grad)
+    # the LSE as a strided view into a larger buffer (a kept forward's, sliced) gives the same gradients
+    wide = torch.full((*lse.shape[:-1], lse.shape[-1] + 23), 5.0, device=device)
+    wide[..., :lse.shape[-1]] = lse.detach()
+    got = flash_attn_backward(dout, q, k, v, out.detach(), wide[..., :lse.shape[-1]], **kw)
+    for g, leaf in zip(got, leaves):
+        assert torch.equal(g, leaf.grad)
     with pytest.raises(ValueError, match="dout must have q's shape"):
         flash_attn_backward(dout[..., :16], q, k, v, out.detach(), lse.detach(), **kw)
 
