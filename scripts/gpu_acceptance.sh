@@ -5,9 +5,9 @@
 # train: GPT-2 small at 16K context, 200 steps with our kernel and with SDPA, same seed and data;
 # memory: GPT-2 124M with and without the memory plan from 64K to 1M tokens, with what holds the
 # memory at the peak at 64K and 1M (bench_context.py --breakdown-at; ~7 minutes);
-# kernel: the compiler report, then the dK/dV sweep at d64/d128 16K and, with its winners, 4K/16K
-# against FlexAttention and cuDNN with 3 interleaved repeats, one launch and two, and GPU ms per
-# kernel at 16K (~8 minutes).
+# kernel: the compiler report, the Gluon kernels' GPU tests, then 4K/16K against the Triton kernels
+# alone, FlexAttention, cuDNN and FA2 with 3 interleaved repeats and GPU ms per kernel at 16K
+# (~6 minutes).
 set -uo pipefail
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -35,11 +35,11 @@ for s in "${steps[@]}"; do
       $PY scripts/bench_context.py --configs flash+plan flash --start 65536 --max 1048576 \
         --breakdown-at 65536 1048576 --wandb none --out "$OUT/memory" 2>&1 | grep -v '^{"config"' | tail -60 ;;
     kernel)
-      $PY scripts/kernel_report.py 2>&1 | tee "$OUT/kernel_report.md" | tail -14
-      $PY scripts/bench_attention.py --sweep --sweep-passes dkdv --sweep-seqlen 16384 --dims 64 128 \
-        --seqlens 4096 16384 --modes fwd_bwd --repeats 3 --profile-seqlens 16384 \
-        --providers ours ours_1launch ours_2launch flex sdpa_cudnn --out "$OUT/kernel" 2>&1 \
-        | grep -v '^{"D"' | grep -v '^  sweep' | tail -40 ;;
+      $PY scripts/kernel_report.py 2>&1 | tee "$OUT/kernel_report.md" | tail -26
+      $PY -m pytest -q -p no:cacheprovider tests/test_gluon_hopper.py 2>&1 | tee "$OUT/gluon_tests.log" | tail -3
+      $PY scripts/bench_attention.py --dims 64 128 --seqlens 4096 16384 --repeats 3 --profile-seqlens 16384 \
+        --providers ours ours_triton flex sdpa_cudnn sdpa_flash --out "$OUT/kernel" 2>&1 \
+        | grep -v '^{"D"' | tail -40 ;;
     *) echo "unknown step $s (tests | bench | train | memory | kernel)"; exit 2 ;;
   esac
 done

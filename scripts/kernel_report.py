@@ -3,13 +3,17 @@ serialized tensor-core instructions, per kernel and launch configuration.
 
     python scripts/kernel_report.py                                   # Hopper table entries, d64/d128
     python scripts/kernel_report.py --dims 128 --passes dkdv --config dkdv=64,128,8,3,counted
+    python scripts/kernel_report.py --passes fwd_ws dkdv_ws --ws 64,3  # the Gluon kernels (dK/dV tiles, ring)
 
 Each kernel is compiled for sm_90a as the launcher would launch it on the benchmark's shapes (bf16,
 H * D = 2048, row strides divisible by 16), then its PTX goes through Triton's bundled ptxas
 (`-v`) and its cubin through cuobjdump. Columns: registers per thread, spill stores / loads (bytes),
 whether ptxas serialized the kernel's wgmma instructions (warning C7515), and in the SASS the number
 of HGMMA instructions and of WARPGROUP.DEPBAR waits (one wait per HGMMA is serialized execution).
-Run it without TRITON_INTERPRET. docs/perf-notes.md records what it found.
+The warp-specialized Gluon kernels (fwd_ws, dkdv_ws: kernels/flash_{fwd,bwd}_hopper.py) show their
+launch parameters as BLOCK_M, BLOCK_N, the default partition's 4 warps, STAGES; their registers are
+the kernel's cap, which setmaxnreg raises to 240 for the consumer warpgroups (JSON: "setmaxnreg"
+counts those instructions). Run it without TRITON_INTERPRET. docs/perf-notes.md records what it found.
 """
 import argparse
 import contextlib
