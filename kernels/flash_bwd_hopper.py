@@ -22,15 +22,13 @@ Scope: kernels/hopper.py (``supported``); anything else runs the Triton kernel. 
 run under TRITON_INTERPRET: they are tested on the GPU, and compiled for sm_90a without one
 (tests/test_flash_bwd_hopper.py, scripts/kernel_report.py).
 """
-import contextlib
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .hopper import CONSUMER_REGS, MAXNREG, in_scope, row_descriptor
+from .hopper import CONSUMER_REGS, MAXNREG, LaunchChoice, in_scope, row_descriptor, warpgroup_layout
 
 BLOCK_N = gl.constexpr(128)        # keys per program, 64 per consumer warpgroup
 HALF_N = gl.constexpr(64)
@@ -71,10 +69,8 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
      DK, DV, stride_dkm, stride_dvm, sm_scale) = args
     dtype: gl.constexpr = q_desc.dtype
     # S^T and dP^T: (64 keys, BLOCK_M queries); dK, dV: (64 keys, HEAD_DIM)
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_M, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = warpgroup_layout(BLOCK_M)
+    acc_layout: gl.constexpr = warpgroup_layout(HEAD_DIM)
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)   # one value per query
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)   # one value per key
@@ -183,25 +179,9 @@ def supported(q, k, v, dout, left: int, right: int, varlen: bool) -> bool:
     return in_scope((q, k, v, dout), left, right, varlen)
 
 
-_override: list[tuple[int, int] | None] = [None]
-
-
-@contextlib.contextmanager
-def override_launch(block_m: int, stages: int):
-    """Force (BLOCK_M, STAGES): benchmarks and tests."""
-    old = _override[0]
-    _override[0] = (block_m, stages)
-    try:
-        yield
-    finally:
-        _override[0] = old
-
-
-def launch_config(head_dim: int, causal: bool) -> tuple[int, int]:
-    """(BLOCK_M, STAGES): query rows per tile and slots in the ring."""
-    if _override[0] is not None:
-        return _override[0]
-    return (64, 2) if head_dim == 128 else (64, 3)
+# (BLOCK_M, STAGES): query rows per tile and slots in the ring, per head dim (H200 sweep, docs/perf-notes.md)
+launch_config = LaunchChoice({64: (64, 3), 128: (64, 2)})
+override_launch = launch_config.override
 
 
 def attn_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, scale: float, causal: bool):
@@ -212,7 +192,7 @@ def attn_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, scale: float, causal: bool)
     lse = torch.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
-    bm, st = launch_config(head_dim, causal)
+    bm, st = launch_config(head_dim)
     grid = (batch * nheads_k * (seqlen // BLOCK_N.value),)
     _attn_bwd_dkdv_hopper[grid](
         row_descriptor(q, bm), row_descriptor(dout, bm), row_descriptor(k, HALF_N.value),

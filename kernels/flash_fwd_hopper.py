@@ -16,15 +16,13 @@ masking is applied only on the tiles that cross the diagonal. Scope: kernels/hop
 (``supported``); everything else runs the Triton forward. Tested on the GPU and compiled for sm_90a without one
 (tests/test_flash_bwd_hopper.py, scripts/kernel_report.py).
 """
-import contextlib
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .hopper import CONSUMER_REGS, MAXNREG, in_scope, row_descriptor
+from .hopper import CONSUMER_REGS, MAXNREG, LaunchChoice, in_scope, row_descriptor, warpgroup_layout
 
 BLOCK_M = gl.constexpr(128)   # query rows per program, 64 per consumer warpgroup
 HALF_M = gl.constexpr(64)
@@ -55,10 +53,8 @@ def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
     (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty,
      q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0) = args
     dtype: gl.constexpr = q_desc.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = warpgroup_layout(BLOCK_N)
+    o_layout: gl.constexpr = warpgroup_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -164,31 +160,15 @@ def supported(q, k, v, left: int, right: int, varlen: bool) -> bool:
     return q.shape[-1] == 128 and in_scope((q, k, v), left, right, varlen)
 
 
-_override: list[tuple[int, int] | None] = [None]
-
-
-@contextlib.contextmanager
-def override_launch(block_n: int, stages: int):
-    """Force (BLOCK_N, STAGES): benchmarks and tests."""
-    old = _override[0]
-    _override[0] = (block_n, stages)
-    try:
-        yield
-    finally:
-        _override[0] = old
-
-
-def launch_config(head_dim: int, causal: bool) -> tuple[int, int]:
-    """(BLOCK_N, STAGES): key rows per tile and slots in the ring."""
-    if _override[0] is not None:
-        return _override[0]
-    return (128, 2) if head_dim == 128 else (128, 3)
+# (BLOCK_N, STAGES): key rows per tile and slots in the ring, per head dim (H200, docs/perf-notes.md)
+launch_config = LaunchChoice({64: (128, 3), 128: (128, 2)})
+override_launch = launch_config.override
 
 
 def attn_fwd(q, k, v, out, lse, scale: float, causal: bool):
     """Output into ``out`` ((B, N, H, D), contiguous) and the natural-log LSE into ``lse`` ((B, H, N) fp32)."""
     batch, seqlen, nheads, head_dim = q.shape
-    block_n, stages = launch_config(head_dim, causal)
+    block_n, stages = launch_config(head_dim)
     grid = (batch * nheads * (seqlen // BLOCK_M.value),)
     _attn_fwd_hopper[grid](
         row_descriptor(q, HALF_M.value), row_descriptor(k, block_n), row_descriptor(v, block_n), out, lse,

@@ -6,7 +6,10 @@ TMA copy. They take bf16/fp16 inputs with head dim 64 or 128, the batch layout w
 seqlen_k a multiple of 128, full or causal attention (no window), on sm_90; everything else runs
 the Triton kernels.
 """
+import contextlib
+
 import torch
+from triton.experimental.gluon import constexpr_function
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -17,6 +20,12 @@ SEQ_MULTIPLE = 128   # both kernels tile the sequence in blocks of 128 (two warp
 MIN_CAUSAL_SEQLEN = 2048
 MAXNREG = 168        # kernel-wide register cap: 3 warpgroups x 128 threads x 168 fit an SM's 64K registers
 CONSUMER_REGS = gl.constexpr(240)  # each consumer warpgroup's registers per thread after setmaxnreg (the producer keeps 24)
+
+
+@constexpr_function
+def warpgroup_layout(n):
+    """The registers of one warpgroup's wgmma accumulator: 64 rows (four warps of 16) by n columns."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
 
 def rows_view_ok(t: torch.Tensor) -> bool:
@@ -43,3 +52,23 @@ def row_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
     return TensorDescriptor(t, [b * n, h * d], [t.stride(1), 1], [rows, d],
                             gl.NVMMASharedLayout.get_default_for([rows, d], dtype))
+
+
+class LaunchChoice:
+    """A Gluon kernel's launch parameters (tile rows, ring slots) per head dim; ``override`` forces a
+    pair for benchmarks and tests."""
+
+    def __init__(self, by_head_dim: dict[int, tuple[int, int]]):
+        self.by_head_dim = by_head_dim
+        self.forced: tuple[int, int] | None = None
+
+    def __call__(self, head_dim: int) -> tuple[int, int]:
+        return self.forced or self.by_head_dim[head_dim]
+
+    @contextlib.contextmanager
+    def override(self, block: int, stages: int):
+        old, self.forced = self.forced, (block, stages)
+        try:
+            yield
+        finally:
+            self.forced = old

@@ -103,13 +103,13 @@ def compile_gluon(pass_name: str, d: int, causal: bool):
     q, k, v, do = (torch.empty(1, n, heads, d, dtype=torch.bfloat16) for _ in range(4))
     lse = torch.empty(1, heads, n)
     if pass_name == "fwd_ws":
-        block_n, stages = fws.launch_config(d, causal)
+        block_n, stages = fws.launch_config(d)
         cfg = KernelConfig(fws.BLOCK_M.value, block_n, 4, stages)
         args = (row_descriptor(q, fws.HALF_M.value), row_descriptor(k, block_n), row_descriptor(v, block_n), q, lse,
                 0.1, n, q.stride(1), lse.stride(0), lse.stride(1))
         kwargs = dict(NUM_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal)
     else:
-        block_m, stages = ws.launch_config(d, causal)
+        block_m, stages = ws.launch_config(d)
         cfg = KernelConfig(block_m, ws.BLOCK_N.value, 4, stages)
         args = (row_descriptor(q, block_m), row_descriptor(do, block_m), row_descriptor(k, ws.HALF_N.value),
                 row_descriptor(v, ws.HALF_N.value), lse, lse, k, v, 0.1, 0.1, n, lse.stride(0), lse.stride(1),
