@@ -14,7 +14,7 @@ at every key tile. One program owns BLOCK_M = 128 query rows of one head:
 The consumers never wait for each other, so one's exponentials overlap the other's products. Causal
 masking is applied only on the tiles that cross the diagonal. Scope: kernels/hopper.py at head dim 128
 (``supported``); everything else runs the Triton forward. Tested on the GPU and compiled for sm_90a without one
-(tests/test_flash_bwd_hopper.py, scripts/kernel_report.py).
+(tests/test_gluon_hopper.py, scripts/kernel_report.py).
 """
 import torch
 from triton.experimental import gluon
@@ -29,7 +29,7 @@ HALF_M = gl.constexpr(64)
 
 
 @gluon.jit
-def _producer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _producer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """One warp: both halves of Q once, then K and V tile by tile through the slot ring."""
     (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty,
      q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0) = args
@@ -107,11 +107,6 @@ def _consumer_hi(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl
 
 
 @gluon.jit
-def _producer_ws(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    _producer(args, HEAD_DIM, BLOCK_N, STAGES)
-
-
-@gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_om, stride_lb, stride_lh,
                      NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
@@ -149,7 +144,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_
             q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0)
     gl.warp_specialize([(_consumer, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, 0)),
                         (_consumer_hi, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-                        (_producer_ws, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL))],
+                        (_producer, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL))],
                        [4, 1], [CONSUMER_REGS, 24])
 
 
