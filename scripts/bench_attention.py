@@ -104,7 +104,7 @@ def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=()):
         "ours": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal)),
         # the Triton kernels where ours would take the Gluon ones (kernels/flash_{fwd,bwd}_hopper.py)
         "ours_triton": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
-                                              lambda: override_gluon())),
+                                              override_gluon)),
         # five-product backward with an atomic fp32 dQ (its forward is ours)
         "ours_atomic": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=False)),
         # the deterministic backward forced into one launch (dK/dV and dQ programs in one grid) / two

@@ -546,6 +546,13 @@ def test_bench_repeats_table_and_variant_providers():
     layout, fn = make_providers(True, 64, False, variants=["ours_2launch+dkdv=64,128,8,2,counted"])[
         "ours_2launch+dkdv=64,128,8,2,counted"]
     assert layout == "bnhd" and callable(fn.context)
-    for bad in ("ours+", "theirs+dkdv=64,128,8,2", "ours+dkdv=64,128,8"):
+    for bad in ("ours+", "theirs+dkdv=64,128,8,2", "ours+dkdv=64,128,8", "ours_2launch+ws=64,3", "ours+ws=64",
+                "ours+ws=64,3+dkdv=64,128,8,2"):
         with pytest.raises(ValueError, match="expected"):
             variant(bad, True)
+    # the Gluon kernels' launch candidates: forced while the provider runs, restored after
+    from kernels import flash_bwd_hopper, flash_fwd_hopper
+    _, fn = variant("ours+wsf=64,4+ws=32,4", True)
+    with fn.context():
+        assert (flash_fwd_hopper.launch_config(128), flash_bwd_hopper.launch_config(128)) == ((64, 4), (32, 4))
+    assert (flash_fwd_hopper.launch_config(128), flash_bwd_hopper.launch_config(128)) == ((128, 2), (64, 2))
