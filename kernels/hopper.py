@@ -36,14 +36,20 @@ def rows_view_ok(t: torch.Tensor) -> bool:
             and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
-def in_scope(tensors, left: int, right: int, varlen: bool) -> bool:
-    """Whether the Gluon kernels take these (q, k, v[, dout]) with this window."""
+def shapes_in_scope(tensors, left: int, right: int, varlen: bool) -> bool:
+    """Whether the Gluon kernels take these (q, k, v[, dout]) with this window, on any device."""
     q, k = tensors[0], tensors[1]
-    return (not varlen and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+    return (not varlen and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
             and q.shape[1] == k.shape[1] and q.shape[1] % SEQ_MULTIPLE == 0
             and left < 0 and (right == -1 or (right == 0 and q.shape[1] >= MIN_CAUSAL_SEQLEN))
             and all(map(rows_view_ok, tensors)))
+
+
+def in_scope(tensors, left: int, right: int, varlen: bool) -> bool:
+    """shapes_in_scope, on a Hopper GPU."""
+    q = tensors[0]
+    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and shapes_in_scope(tensors, left, right,
+                                                                                               varlen)
 
 
 def row_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:

@@ -19,7 +19,7 @@ import triton
 import kernels.flash_bwd_hopper as bwd_hopper
 import kernels.flash_fwd_hopper as fwd_hopper
 from kernels import flash_attn_func
-from kernels.hopper import MAXNREG
+from kernels.hopper import MAXNREG, MIN_CAUSAL_SEQLEN, shapes_in_scope
 from kernels.launch import override_gluon
 from kernels.reference import attention_ref
 from test_kernels import check_against_oracle, make_qkv
@@ -101,6 +101,30 @@ def test_out_of_scope_inputs_take_the_triton_kernel(calls):
     with pytest.raises(ValueError, match="unknown passes"):
         with override_gluon("dq"):
             pass
+
+
+def test_scope():
+    # which inputs the Gluon kernels take (the device aside): runs anywhere
+    def qkv(B=1, N=2048, H=4, Hk=4, D=128, dtype=torch.bfloat16):
+        return [torch.empty(B, N, h, D, dtype=dtype) for h in (H, Hk, Hk)]
+    full, causal = (-1, -1), (-1, 0)
+    assert shapes_in_scope(qkv(), *full, False) and shapes_in_scope(qkv(), *causal, False)
+    assert shapes_in_scope(qkv(B=3, D=64, Hk=1, dtype=torch.float16), *causal, False)
+    short = qkv(N=MIN_CAUSAL_SEQLEN - 128)
+    assert shapes_in_scope(short, *full, False) and not shapes_in_scope(short, *causal, False)
+    packed = torch.empty(2, 2048, 3, 4, 128, dtype=torch.bfloat16).unbind(2)   # rows strided by 3 * H * D
+    assert shapes_in_scope(list(packed), *causal, False)
+    assert not shapes_in_scope(qkv(N=2000), *full, False)                      # not a multiple of 128
+    assert not shapes_in_scope(qkv(D=96), *full, False)
+    assert not shapes_in_scope(qkv(dtype=torch.float32), *full, False)
+    assert not shapes_in_scope(qkv(), 256, 0, False)                           # a window
+    assert not shapes_in_scope(qkv(), *full, True)                             # varlen
+    q, k, v = qkv()
+    assert not shapes_in_scope([q, k[:, :1024], v[:, :1024]], *full, False)    # seqlen_q != seqlen_k
+    heads_apart = torch.empty(1, 2048, 128, 4, dtype=torch.bfloat16).transpose(2, 3)   # head dim strided
+    assert not shapes_in_scope([heads_apart, k, v], *full, False)
+    batch_gaps = torch.empty(2, 4096, 4, 128, dtype=torch.bfloat16)[:, :2048]           # batches not back to back
+    assert not shapes_in_scope([batch_gaps, batch_gaps, batch_gaps], *full, False)
 
 
 @pytest.mark.skipif(not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists(),
