@@ -62,22 +62,23 @@ def test_matches_oracle(D, causal, B, N, H, Hk, dtype, calls):
 @needs_hopper
 @pytest.mark.parametrize("fwd_launch,bwd_launch", [((128, 2), (64, 2)), ((128, 3), (64, 3)), ((64, 3), (32, 4))])
 def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls):
-    # q, k, v as views of one packed (B, N, 3, H, D) tensor (rows strided by 3 * H * D), every launch
-    # shape the benchmark may pick; the results equal the Triton kernels' within rounding
+    # every launch shape the benchmark may pick, against the oracle; then q, k, v as views of one packed
+    # (B, N, 3, H, D) tensor (rows strided by 3 * H * D, as a fused qkv projection gives them), whose
+    # results equal the Triton kernels' within rounding
     qkv = torch.randn(2, 2048, 3, 4, 128, device="cuda", dtype=torch.bfloat16)
-    q, k, v = qkv.unbind(2)
     with fwd_hopper.override_launch(*fwd_launch), bwd_hopper.override_launch(*bwd_launch):
         check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=True, return_lse=True),
-                             lambda q, k, v: attention_ref(q, k, v, causal=True), [q, k, v])
+                             lambda q, k, v: attention_ref(q, k, v, causal=True), list(qkv.unbind(2)))
         assert calls == {"fwd": 1, "dkdv": 1}
-        dout = torch.randn_like(q)
+        dout = torch.randn(2, 2048, 4, 128, device="cuda", dtype=torch.bfloat16)
         results = []
         for passes in (("fwd", "dkdv"), ()):
-            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            packed = qkv.clone().requires_grad_()
             with override_gluon(*passes):
-                out, lse = flash_attn_func(*leaves, causal=True, return_lse=True)
+                out, lse = flash_attn_func(*packed.unbind(2), causal=True, return_lse=True)
                 out.backward(dout)
-            results.append([out, lse] + [t.grad for t in leaves])
+            results.append([out, lse, packed.grad])
+    assert calls == {"fwd": 2, "dkdv": 2}   # the packed views took the Gluon kernels (and then the Triton ones)
     for a, b in zip(*results):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
 
