@@ -15,9 +15,11 @@ import triton
 from .flash_bwd import _attn_bwd, _attn_bwd_preprocess
 from .flash_fwd import _attn_fwd
 
-try:
+# The Gluon kernels are written against Triton 3.6's Gluon API, which is experimental and changes between
+# releases: with an older Triton (or one without Gluon) the Triton kernels run every pass.
+if tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit()) >= (3, 6):
     from . import flash_bwd_hopper, flash_fwd_hopper
-except ImportError:   # a Triton without Gluon's Hopper API (before 3.5): the Triton kernels run every pass
+else:
     flash_bwd_hopper = flash_fwd_hopper = None
 
 # Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at import: record it once.
