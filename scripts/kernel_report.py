@@ -44,7 +44,8 @@ from kernels.hopper import MAXNREG, row_descriptor  # noqa: E402
 MODEL_DIM = 2048                                   # as scripts/bench_attention.py
 # pass -> kernel; "bwd" is the one-launch backward (dK/dV and dQ programs in one grid, the dK/dV
 # parameters' warps and stages), compiled with the dkdv and dq entries' tiles
-# "dkdv_ws": the warp-specialized Gluon dK/dV kernel (kernels/flash_bwd_hopper.py), its own launch parameters
+# "fwd_ws", "dkdv_ws": the warp-specialized Gluon kernels (kernels/flash_{fwd,bwd}_hopper.py), with their own
+# launch parameters (--ws sets the dK/dV one)
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd, "dq": _attn_bwd, "bwd": _attn_bwd,
            "fwd_ws": fws._attn_fwd_hopper, "dkdv_ws": ws._attn_bwd_dkdv_hopper}
 FP32_POINTERS = {"LSE", "Delta", "DLse"}
