@@ -16,7 +16,6 @@ masking is applied only on the tiles that cross the diagonal. Scope: kernels/hop
 (``supported``); everything else runs the Triton forward. Tested on the GPU and compiled for sm_90a without one
 (tests/test_gluon_hopper.py, scripts/kernel_report.py).
 """
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,

@@ -308,6 +308,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     if fused:
         launch("dkdv", n_dkdv, cfg)
         return dq.to(q.dtype), dk, dv
+    # a forced launch shape (override_one_launch) is a request for the Triton backward kernel
     if (_gluon("dkdv") and _one_launch_override[0] is None
             and flash_bwd_hopper.supported(q, k, v, dout, left, right, varlen)):
         flash_bwd_hopper.attn_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, scale, causal=right == 0)
