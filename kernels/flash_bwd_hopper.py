@@ -1,4 +1,5 @@
-"""dK/dV pass of the backward on Hopper (sm_90), warp-specialized, in Gluon (Triton's explicit dialect).
+"""The backward on Hopper (sm_90), warp-specialized, in Gluon (Triton's explicit dialect): the dK/dV pass,
+or with FUSED_DQ the whole backward (dQ too).
 
 The Triton dK/dV kernel (kernels/flash_bwd.py) spends about half its issue gaps at CTA barriers: its
 software pipeline syncs all eight warps twice per query tile, and no tensor-core work is in flight
@@ -16,7 +17,16 @@ keys of one KV head and runs three partitions:
 
 The consumers never wait for each other: no CTA-wide barrier, so while one computes exponentials the
 other's products keep the tensor cores busy. GQA groups are summed in the accumulators as in the
-Triton kernel. The dQ pass stays the Triton kernel's.
+Triton kernel. The dQ pass is then the Triton kernel's (deterministic: seven products per tile).
+
+FUSED_DQ (deterministic=False, at the head dims in FUSED_DQ_HEAD_DIMS) takes dQ here instead: five
+products per tile, no dQ pass recomputing P and dS. Each consumer also writes its dS^T rows (bf16) to
+a shared tile of the tile's parity and arrives on its "ds_ready" mbarrier; the consumer whose index is
+the parity waits for both halves, computes dQ = dS K over the program's 128 keys (64 columns at a
+time), stages each part in fp32 in shared memory and adds it into a zeroed fp32 accumulator in global
+memory with one TMA reduce-add (``cp.reduce.async.bulk.tensor ... add``), then frees the dS tile
+("ds_free") for the tile two steps later. The additions from different key blocks land in whatever
+order the programs reach them, so dQ may differ in its last bits from run to run.
 
 Scope: kernels/hopper.py (``supported``); anything else runs the Triton kernel. Gluon kernels do not
 run under TRITON_INTERPRET: they are tested on the GPU, and compiled for sm_90a without one
@@ -28,10 +38,14 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .hopper import CONSUMER_REGS, MAXNREG, LaunchChoice, in_scope, row_descriptor, warpgroup_layout
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .hopper import (CONSUMER_REGS, MAXNREG, LaunchChoice, in_scope, row_descriptor, tma_reduce_add,
+                     warpgroup_layout)
 
 BLOCK_N = gl.constexpr(128)        # keys per program, 64 per consumer warpgroup
 HALF_N = gl.constexpr(64)
+DQ_COLS = gl.constexpr(64)         # dQ columns per product and per TMA reduce (fused dQ)
 
 
 @gluon.jit
@@ -40,11 +54,13 @@ def _producer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
     """One warp: K and V once, then every query tile's Q and dO through the slot ring."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
      q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, offs_n0, qk_scale,
-     DK, DV, stride_dkm, stride_dvm, sm_scale) = args
+     DK, DV, stride_dkm, stride_dvm, sm_scale, dq_desc, ds_bufs, dq_stage, ds_ready, ds_free) = args
     mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
     for half in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [k_row0 + half * HALF_N, hk * HEAD_DIM], kv_bar, k_smem.index(half))
-        tma.async_copy_global_to_shared(v_desc, [k_row0 + half * HALF_N, hk * HEAD_DIM], kv_bar, v_smem.index(half))
+        tma.async_copy_global_to_shared(k_desc, [k_row0 + half * HALF_N, hk * HEAD_DIM], kv_bar,
+                                        k_smem.slice(half * HALF_N, HALF_N))
+        tma.async_copy_global_to_shared(v_desc, [k_row0 + half * HALF_N, hk * HEAD_DIM], kv_bar,
+                                        v_smem.slice(half * HALF_N, HALF_N))
     it = 0
     for g in range(GROUP):
         col = (hk * GROUP + g) * HEAD_DIM
@@ -61,11 +77,12 @@ def _producer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
 
 @gluon.jit
 def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, HALF: gl.constexpr):
-    """One warpgroup: dK and dV of keys [offs_n0 + HALF * 64, + 64), stored in fp32 registers."""
+              CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr, HALF: gl.constexpr):
+    """One warpgroup: dK and dV of keys [offs_n0 + HALF * 64, + 64), stored in fp32 registers; with FUSED_DQ
+    also dQ of every other query tile (those with tile index % 2 == HALF), reduce-added into dq_desc."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
      q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, offs_n0, qk_scale,
-     DK, DV, stride_dkm, stride_dvm, sm_scale) = args
+     DK, DV, stride_dkm, stride_dvm, sm_scale, dq_desc, ds_bufs, dq_stage, ds_ready, ds_free) = args
     dtype: gl.constexpr = q_desc.dtype
     # S^T and dP^T: (64 keys, BLOCK_M queries); dK, dV: (64 keys, HEAD_DIM)
     s_layout: gl.constexpr = warpgroup_layout(BLOCK_M)
@@ -74,13 +91,18 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)   # one value per query
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)   # one value per key
 
-    k_s = k_smem.index(HALF)
-    v_s = v_smem.index(HALF)
+    k_s = k_smem.slice(HALF * HALF_N, HALF_N)
+    v_s = v_smem.slice(HALF * HALF_N, HALF_N)
     dk = gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout)
     dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, acc_layout)
     s_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, s_layout)
     offs_n = offs_n0 + HALF * HALF_N + gl.arange(0, HALF_N, layout=row_layout)
     offs_c = gl.arange(0, BLOCK_M, layout=col_layout)
+    if FUSED_DQ:
+        # dQ of a query tile: (BLOCK_M queries, DQ_COLS columns) at a time, from both warpgroups' dS^T
+        dq_layout: gl.constexpr = warpgroup_layout(DQ_COLS)
+        dq_zero = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, dq_layout)
+        dq_s = dq_stage.index(HALF)
     mbarrier.wait(kv_bar, 0)
     it = 0
     for g in range(GROUP):
@@ -106,12 +128,44 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
             p_op = gl.convert_layout(p_t.to(dtype), op_layout)
             dv = warpgroup_mma(p_op, do_s, dv, is_async=True)
             dp_t = warpgroup_mma_wait(1, deps=(dp_t, ))
-            ds_t = p_t * (dp_t - delta[None, :])
-            ds_op = gl.convert_layout(ds_t.to(dtype), op_layout)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+            ds_op = gl.convert_layout(ds_t, op_layout)
             dk = warpgroup_mma(ds_op, q_s, dk, is_async=True)
+            if FUSED_DQ:
+                # this warpgroup's 64 rows of the tile's dS^T (128 keys, BLOCK_M queries) into the buffer
+                # of this tile's parity, once the dQ products of two tiles ago have read it
+                buf = it % 2
+                phase = (it // 2) & 1
+                mbarrier.wait(ds_free.index(buf), phase ^ 1)
+                ds_bufs.index(buf).slice(HALF * HALF_N, HALF_N).store(ds_t)
+                fence_async_shared()
+                gl.thread_barrier()
+                mbarrier.arrive(ds_ready.index(buf), count=1)
             dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
             mbarrier.arrive(empty.index(slot), count=1)
+            if FUSED_DQ:
+                if buf == HALF:
+                    # dQ (BLOCK_M, HEAD_DIM) = dS K over the program's 128 keys, DQ_COLS columns at a time,
+                    # each reduce-added in fp32 by TMA (unscaled: the launcher applies sm_scale)
+                    mbarrier.wait(ds_ready.index(buf), phase)
+                    ds_all = ds_bufs.index(buf).permute((1, 0))
+                    row = q_row0 + m_lo + t * BLOCK_M
+                    col = (hk * GROUP + g) * HEAD_DIM
+                    for c in gl.static_range(HEAD_DIM // DQ_COLS):
+                        dq = warpgroup_mma(ds_all, k_smem.slice(c * DQ_COLS, DQ_COLS, dim=1), dq_zero,
+                                           use_acc=False, is_async=True)
+                        dq = warpgroup_mma_wait(0, deps=(dq, ))
+                        if c == HEAD_DIM // DQ_COLS - 1:
+                            mbarrier.arrive(ds_free.index(buf), count=1)
+                        tma.store_wait(0)          # the previous reduce has read the staging tile
+                        gl.thread_barrier()
+                        dq_s.store(dq)
+                        fence_async_shared()
+                        gl.thread_barrier()
+                        tma_reduce_add(dq_desc, [row, col + c * DQ_COLS], dq_s)
             it += 1
+    if FUSED_DQ:
+        tma.store_wait(0)
     rows = k_row0 + HALF * HALF_N + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, acc_layout))
     _store_tile(DK + (hk * HEAD_DIM).to(gl.int64), stride_dkm, rows, dk * sm_scale, acc_layout, HEAD_DIM)
     _store_tile(DV + (hk * HEAD_DIM).to(gl.int64), stride_dvm, rows, dv, acc_layout, HEAD_DIM)
@@ -119,8 +173,8 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
 
 @gluon.jit
 def _consumer_hi(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                 CAUSAL: gl.constexpr):
-    _consumer(args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, 1)
+                 CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr):
+    _consumer(args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ, 1)
 
 
 @gluon.jit
@@ -130,14 +184,15 @@ def _store_tile(ptr, stride_row, offs_n, acc, layout: gl.constexpr, HEAD_DIM: gl
 
 
 @gluon.jit
-def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, Lse2, Delta, DK, DV, sm_scale, qk_scale, seqlen,
-                          stride_lb, stride_lh, stride_dkm, stride_dvm,
-                          NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                          BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+def _attn_bwd_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, Lse2, Delta, DK, DV, sm_scale, qk_scale, seqlen,
+                     stride_lb, stride_lh, stride_dkm, stride_dvm,
+                     NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr):
     """grid: (batch * NUM_KV_HEADS * seqlen / BLOCK_N,), key blocks of one head adjacent (heaviest first
     when causal). Q, dO, K, V descriptors are over (batch * seqlen, heads * HEAD_DIM) row views; DK, DV
     are (batch, seqlen, kv heads, HEAD_DIM) with row stride stride_dkm / stride_dvm; Lse2 (the LSE times
-    log2(e), +inf where it is -inf) and Delta are (batch, heads, seqlen) fp32."""
+    log2(e), +inf where it is -inf) and Delta are (batch, heads, seqlen) fp32. FUSED_DQ: dq_desc is an fp32
+    (batch * seqlen, heads * HEAD_DIM) accumulator of zeros (tiles BLOCK_M x DQ_COLS) that receives dS K."""
     num_n = seqlen // BLOCK_N
     pid = gl.program_id(0)
     pid_bh = pid // num_n
@@ -151,8 +206,8 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, Lse2, Delta, DK, DV, 
     lse_base = b.to(gl.int64) * stride_lb
 
     dtype: gl.constexpr = q_desc.dtype
-    k_smem = gl.allocate_shared_memory(dtype, [2, HALF_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, HALF_N, HEAD_DIM], v_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
     q_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -162,13 +217,26 @@ def _attn_bwd_dkdv_hopper(q_desc, do_desc, k_desc, v_desc, Lse2, Delta, DK, DV, 
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)   # both consumer warpgroups release a slot
     mbarrier.init(kv_bar, count=1)
+    if FUSED_DQ:
+        # dS^T of two tiles (by parity), both warpgroups' rows; one fp32 dQ staging tile per warpgroup
+        ds_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M],
+                                            gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype))
+        dq_stage = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQ_COLS], dq_desc.layout)
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ds_ready.index(i), count=2)   # both warpgroups wrote their rows
+            mbarrier.init(ds_free.index(i), count=1)    # the tile's dQ products (one warpgroup) read them
+        fused = (dq_desc, ds_bufs, dq_stage, ds_ready, ds_free)
+    else:
+        fused = (0, 0, 0, 0, 0)   # unused placeholders
     fence_async_shared()
 
     args = (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
             q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, n0, qk_scale,
-            DK, DV, stride_dkm, stride_dvm, sm_scale)
-    gl.warp_specialize([(_consumer, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, 0)),
-                        (_consumer_hi, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL)),
+            DK, DV, stride_dkm, stride_dvm, sm_scale) + fused
+    gl.warp_specialize([(_consumer, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ, 0)),
+                        (_consumer_hi, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ)),
                         (_producer, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL))],
                        [4, 1], [CONSUMER_REGS, 24])
 
@@ -178,14 +246,36 @@ def supported(q, k, v, dout, left: int, right: int, varlen: bool) -> bool:
     return in_scope((q, k, v, dout), left, right, varlen)
 
 
+# Head dims at which the backward takes dQ in this kernel when the caller allows a non-deterministic dQ
+# (deterministic=False). H200, fwd+bwd 4K-16K: d64 +12-15% over the dK/dV kernel plus the Triton dQ pass
+# (full 16K 429 vs 375 TFLOP/s, causal 404 vs 363); d128 -4-5% (full 16K 457 vs 482), where the consumer
+# warpgroups spill once they also hold a dQ tile (docs/perf-notes.md).
+FUSED_DQ_HEAD_DIMS = (64,)
+
+
+def fuses_dq(head_dim: int) -> bool:
+    """Whether attn_bwd computes dQ too (dq_acc) at this head dim; the dQ product needs 64-row tiles."""
+    return head_dim in FUSED_DQ_HEAD_DIMS and launch_config(head_dim)[0] >= 64
+
+
 # (BLOCK_M, STAGES): query rows per tile and slots in the ring, per head dim (H200: 32-row tiles 5-9% slower,
 # 3 slots level with 2 at d128; docs/perf-notes.md)
 launch_config = LaunchChoice({64: (64, 3), 128: (64, 2)})
 override_launch = launch_config.override
 
 
-def attn_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, scale: float, causal: bool):
-    """dK and dV into ``dk``, ``dv`` ((B, N, H_kv, D), contiguous); lse and delta (B, H, N) fp32."""
+def dq_descriptor(dq_acc: torch.Tensor, rows: int) -> TensorDescriptor:
+    """TMA descriptor over the fp32 dQ accumulator (B, N, H, D) as (B * N, H * D), tiles rows x DQ_COLS."""
+    b, n, h, d = dq_acc.shape
+    block = [rows, DQ_COLS.value]
+    return TensorDescriptor(dq_acc, [b * n, h * d], [dq_acc.stride(1), 1], block,
+                            gl.NVMMASharedLayout.get_default_for(block, gl.float32))
+
+
+def attn_bwd(q, k, v, dout, lse, delta, dk, dv, scale: float, causal: bool, dq_acc: torch.Tensor | None = None):
+    """dK and dV into ``dk``, ``dv`` ((B, N, H_kv, D), contiguous); lse and delta (B, H, N) fp32. With
+    ``dq_acc`` (fp32 zeros like q, contiguous) also dQ / scale, accumulated there by TMA reduce-add (the
+    order of the additions varies from run to run); without it the dQ pass is the caller's."""
     # the kernel reads the LSE in base 2, with +inf for rows that saw no key (their P is then exactly 0,
     # not NaN): one pass over (B, H, N) here instead of a select and a multiply per element in the loop,
     # where the d64 kernel is bound by its elementwise work (docs/perf-notes.md)
@@ -194,9 +284,9 @@ def attn_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, scale: float, causal: bool)
     nheads_k = k.shape[2]
     bm, st = launch_config(head_dim)
     grid = (batch * nheads_k * (seqlen // BLOCK_N.value),)
-    _attn_bwd_dkdv_hopper[grid](
+    _attn_bwd_hopper[grid](
         row_descriptor(q, bm), row_descriptor(dout, bm), row_descriptor(k, HALF_N.value),
-        row_descriptor(v, HALF_N.value), lse, delta, dk, dv,
+        row_descriptor(v, HALF_N.value), None if dq_acc is None else dq_descriptor(dq_acc, bm), lse, delta, dk, dv,
         scale, scale * 1.4426950408889634, seqlen, lse.stride(0), lse.stride(1), dk.stride(1), dv.stride(1),
         NUM_KV_HEADS=nheads_k, GROUP=nheads // nheads_k, HEAD_DIM=head_dim, BLOCK_M=bm, STAGES=st,
-        CAUSAL=causal, num_warps=4, maxnreg=MAXNREG)
+        CAUSAL=causal, FUSED_DQ=dq_acc is not None, num_warps=4, maxnreg=MAXNREG)

@@ -9,8 +9,10 @@ sm_90; everything else runs the Triton kernels.
 import contextlib
 
 import torch
+from triton._C.libtriton import ir
 from triton.experimental.gluon import constexpr_function
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 SEQ_MULTIPLE = 128   # both kernels tile the sequence in blocks of 128 (two warpgroups of 64 rows)
@@ -78,3 +80,12 @@ class LaunchChoice:
             yield
         finally:
             self.forced = old
+
+
+@builtin
+def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    """Add the shared-memory tile ``src`` into global memory at ``coord`` of ``tensor_desc`` by TMA
+    (``cp.reduce.async.bulk.tensor ... add``; wait with ``tma.store_wait``). Triton 3.6 builds this op for
+    Gluon but does not export it: the builder call mirrors ``tma.async_copy_shared_to_global``."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)

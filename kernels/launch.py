@@ -264,7 +264,13 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     nheads, nheads_k, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     d_pad = _head_dim_pad(head_dim)
     alloc = torch.zeros_like if varlen else torch.empty_like
-    fused = not deterministic
+    # a forced launch shape (override_one_launch) is a request for the Triton backward kernel
+    gluon = (_gluon("dkdv") and _one_launch_override[0] is None
+             and flash_bwd_hopper.supported(q, k, v, dout, left, right, varlen))
+    # deterministic=False: dQ accumulated in fp32 by the dK/dV pass, by TMA reduce-add in the Gluon kernel
+    # (at the head dims where that is faster than its deterministic split), else by the Triton kernel's atomics
+    gluon_dq = gluon and not deterministic and flash_bwd_hopper.fuses_dq(head_dim)
+    fused = not deterministic and (gluon_dq or not gluon)
     # the atomic path accumulates into zeros in fp32 (rows no key block visits stay 0)
     dq = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused
           else alloc(q, memory_format=torch.contiguous_format))
@@ -306,12 +312,13 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
                 num_warps=launch_cfg.num_warps, num_stages=launch_cfg.num_stages)
 
     if fused:
+        if gluon_dq:   # dQ (unscaled) reduce-added by TMA inside the dK/dV kernel
+            flash_bwd_hopper.attn_bwd(q, k, v, dout, lse, delta, dk, dv, scale, causal=right == 0, dq_acc=dq)
+            return torch.mul(dq, scale, out=torch.empty_like(q, memory_format=torch.contiguous_format)), dk, dv
         launch("dkdv", n_dkdv, cfg)
         return dq.to(q.dtype), dk, dv
-    # a forced launch shape (override_one_launch) is a request for the Triton backward kernel
-    if (_gluon("dkdv") and _one_launch_override[0] is None
-            and flash_bwd_hopper.supported(q, k, v, dout, left, right, varlen)):
-        flash_bwd_hopper.attn_bwd_dkdv(q, k, v, dout, lse, delta, dk, dv, scale, causal=right == 0)
+    if gluon:
+        flash_bwd_hopper.attn_bwd(q, k, v, dout, lse, delta, dk, dv, scale, causal=right == 0)
         launch("dq", n_dq, cfg_dq)
         return dq, dk, dv
     if use_one_launch(cfg, cfg_dq, n_dkdv + n_dq, q.dtype, q.device):

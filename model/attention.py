@@ -65,12 +65,12 @@ def _mask(Tq: int, Tk: int, device, window: int, doc_ids: torch.Tensor | None = 
     return mask.view(-1, 1, Tq, Tk)
 
 
-def _flash_args(q, k, v, cu_seqlens, window):
+def _flash_args(q, k, v, cu_seqlens, window, deterministic=True):
     """(q, k, v, kwargs) for the kernels' functions computing our causal attention: the batch layout as
     is, or with documents the varlen layout (flattened tokens and boundaries)."""
     B, Tq, H, D = q.shape
     Tk, Hk = k.shape[1], k.shape[2]
-    kw = dict(causal=True, window_size=(window, 0) if window >= 0 else (-1, -1))
+    kw = dict(causal=True, window_size=(window, 0) if window >= 0 else (-1, -1), deterministic=deterministic)
     if cu_seqlens is None:
         return q, k, v, kw
     # Rows are independent sequences (as in the sdpa/naive mask): add every row start as a
@@ -98,7 +98,8 @@ def attention_keep(q, k, v, backend: str, **kw):
         if not _kernels_backward(backend, q):
             return attention(q, k, v, backend, **kw), None
         from kernels import flash_attn_func, flash_attn_varlen_func
-        q_, k_, v_, fkw = _flash_args(q, k, v, kw.get("cu_seqlens"), kw.get("window", -1))
+        q_, k_, v_, fkw = _flash_args(q, k, v, kw.get("cu_seqlens"), kw.get("window", -1),
+                                      kw.get("deterministic", True))
         fn = flash_attn_varlen_func if "cu_seqlens_q" in fkw else flash_attn_func
         out, lse = fn(q_, k_, v_, return_lse=True, **fkw)
         return out.view(q.shape), lse
@@ -109,7 +110,8 @@ def attention_backward(dout, q, k, v, out, lse, backend: str, **kw):
     (out, lse): the kernels' backward alone, or (lse None) the forward recomputed under autograd."""
     if lse is not None:
         from kernels import flash_attn_backward
-        q_, k_, v_, fkw = _flash_args(q, k, v, kw.get("cu_seqlens"), kw.get("window", -1))
+        q_, k_, v_, fkw = _flash_args(q, k, v, kw.get("cu_seqlens"), kw.get("window", -1),
+                                      kw.get("deterministic", True))
         dq, dk, dv = flash_attn_backward(dout.reshape(q_.shape), q_, k_, v_, out.reshape(q_.shape), lse, **fkw)
         return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
     with torch.enable_grad():
@@ -117,11 +119,13 @@ def attention_backward(dout, q, k, v, out, lse, backend: str, **kw):
         return torch.autograd.grad(attention(q, k, v, backend, **kw), (q, k, v), dout)
 
 
-def attention(q, k, v, backend: str, *, cu_seqlens=None, window: int = -1, sdpa_backend: str = "math"):
+def attention(q, k, v, backend: str, *, cu_seqlens=None, window: int = -1, sdpa_backend: str = "math",
+              deterministic: bool = True):
     """Causal attention. q (B, Tq, H, D); k, v (B, Tk, Hk, D) with H % Hk == 0 -> (B, Tq, H, D).
 
     cu_seqlens: int32 (n_docs + 1,) document boundaries over the flattened B*T tokens (needs
     Tq == Tk), or None for one sequence per row. Query head h uses kv head h // (H // Hk).
+    deterministic: our kernels' backward (flash_attn_func's argument); the other backends ignore it.
     """
     B, Tq, H, D = q.shape
     Tk, Hk = k.shape[1], k.shape[2]
@@ -134,7 +138,7 @@ def attention(q, k, v, backend: str, *, cu_seqlens=None, window: int = -1, sdpa_
                              "on CPU; use attention='reference' (or 'auto') on CPU")
         # Imported here so the sdpa/naive baselines work on machines without Triton.
         from kernels import flash_attn_func, flash_attn_varlen_func
-        q_, k_, v_, kw = _flash_args(q, k, v, cu_seqlens, window)
+        q_, k_, v_, kw = _flash_args(q, k, v, cu_seqlens, window, deterministic)
         fn = flash_attn_varlen_func if "cu_seqlens_q" in kw else flash_attn_func
         return fn(q_, k_, v_, **kw).view(B, Tq, H, D)
 
@@ -174,6 +178,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.backend, self.sdpa_backend, self.window = config.attention, config.sdpa_backend, config.window
+        self.deterministic = config.deterministic_attention
         # One fused projection for q (n_head heads) and k, v (n_kv_head heads each).
         self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
@@ -225,4 +230,5 @@ class CausalSelfAttention(nn.Module):
                                   **self._options(cu_seqlens))
 
     def _options(self, cu_seqlens):
-        return dict(cu_seqlens=cu_seqlens, window=self.window, sdpa_backend=self.sdpa_backend)
+        return dict(cu_seqlens=cu_seqlens, window=self.window, sdpa_backend=self.sdpa_backend,
+                    deterministic=self.deterministic)

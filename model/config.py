@@ -40,6 +40,10 @@ class GPTConfig:
     sdpa_backend: str = "efficient"  # torch SDPA kernel for attention="sdpa": "flash" | "cudnn" | "efficient" | "math"
     doc_masking: bool = True        # with cu_seqlens, packed documents do not attend to each other
     window: int = -1                # sliding window: each query sees itself + `window` keys to its left; -1 = all
+    # Our kernels' backward (attention "flash"/"reference" on the Triton path): False lets dQ be summed in fp32
+    # by atomics / TMA reduce-add, faster where measured, run-to-run bit differences (flash-attn's default);
+    # True: the deterministic dK/dV + dQ split
+    deterministic_attention: bool = False
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -88,6 +92,8 @@ class GPTConfig:
             need(self.rope_scaling_factor > 1.0,
                  f"rope_scaling_factor={self.rope_scaling_factor}: yarn extends the context, so it must be > 1")
         need(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
+        need(isinstance(self.deterministic_attention, bool),
+             f"deterministic_attention={self.deterministic_attention!r} must be true or false")
         need(isinstance(self.window, int) and self.window >= -1,
              f"window={self.window!r} must be an int >= -1 (-1 = unbounded)")
         # SDPA's flash kernel takes no attn_mask, and document masking / sliding windows need one.

@@ -105,8 +105,12 @@ def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=()):
         # the Triton kernels where ours would take the Gluon ones (kernels/flash_{fwd,bwd}_hopper.py)
         "ours_triton": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
                                               override_gluon)),
-        # five-product backward with an atomic fp32 dQ (its forward is ours)
+        # deterministic=False: five-product backward, dQ summed in fp32 (TMA reduce-add in the Gluon kernel at
+        # the head dims kernels/flash_bwd_hopper.py fuses, else the Triton kernel's atomics); its forward is ours
         "ours_atomic": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=False)),
+        # the same on the Triton kernels only (what inputs outside the Gluon kernels' scope run)
+        "ours_triton_atomic": ("bnhd", _with_context(
+            lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=False), override_gluon)),
         # the deterministic backward forced into one launch (dK/dV and dQ programs in one grid) / two
         "ours_1launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), one_launch)),
         "ours_2launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),

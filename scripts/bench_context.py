@@ -51,6 +51,8 @@ CONFIGS = {
     "naive": ("naive", "efficient", NO_PLAN),
     # ours with the Triton kernels only, where the Gluon ones would run (kernels/launch.py: override_gluon)
     "flash_triton": ("flash", "efficient", NO_PLAN),
+    # ours with model.deterministic_attention=true (the dK/dV + dQ split instead of a reduce-added dQ)
+    "flash_det": ("flash", "efficient", NO_PLAN),
 }
 # GPTConfig fields besides seq_len; RoPE instead of a position table. vocab 50304 = GPT-2's, padded.
 MODELS = {
@@ -107,7 +109,7 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
     attention, sdpa_backend, plan = backend(name, device)
     cuda = device.type == "cuda"
     cfg = GPTConfig(seq_len=seq_len, attention=attention, sdpa_backend=sdpa_backend, doc_masking=False,
-                    **MODELS[model_name])
+                    deterministic_attention=name == "flash_det", **MODELS[model_name])
     model = apply_memory_plan(GPT(cfg).to(device), *plan)
     if cuda and plan[0] == "offload":   # pinned host buffers allocated outside the timed steps
         warm_host_memory(model, 1, seq_len, torch.bfloat16)

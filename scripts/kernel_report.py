@@ -3,14 +3,14 @@ serialized tensor-core instructions, per kernel and launch configuration.
 
     python scripts/kernel_report.py                                   # Hopper table entries, d64/d128
     python scripts/kernel_report.py --dims 128 --passes dkdv --config dkdv=64,128,8,3,counted
-    python scripts/kernel_report.py --passes fwd_ws dkdv_ws --ws 64,3  # the Gluon kernels (dK/dV tiles, ring)
+    python scripts/kernel_report.py --passes fwd_ws dkdv_ws bwd_ws --ws 64,3  # the Gluon kernels (dK/dV tiles, ring)
 
 Each kernel is compiled for sm_90a as the launcher would launch it on the benchmark's shapes (bf16,
 H * D = 2048, row strides divisible by 16), then its PTX goes through Triton's bundled ptxas
 (`-v`) and its cubin through cuobjdump. Columns: registers per thread, spill stores / loads (bytes),
 whether ptxas serialized the kernel's wgmma instructions (warning C7515), and in the SASS the number
 of HGMMA instructions and of WARPGROUP.DEPBAR waits (one wait per HGMMA is serialized execution).
-The warp-specialized Gluon kernels (fwd_ws, dkdv_ws: kernels/flash_{fwd,bwd}_hopper.py) show their
+The warp-specialized Gluon kernels (fwd_ws; dkdv_ws, and bwd_ws with dQ fused: kernels/flash_{fwd,bwd}_hopper.py) show their
 launch parameters as BLOCK_M, BLOCK_N, the default partition's 4 warps, STAGES; their registers are
 the kernel's cap, which setmaxnreg raises to 240 for the consumer warpgroups (JSON: "setmaxnreg"
 counts those instructions). Run it without TRITON_INTERPRET. docs/perf-notes.md records what it found.
@@ -44,10 +44,10 @@ from kernels.hopper import MAXNREG, row_descriptor  # noqa: E402
 MODEL_DIM = 2048                                   # as scripts/bench_attention.py
 # pass -> kernel; "bwd" is the one-launch backward (dK/dV and dQ programs in one grid, the dK/dV
 # parameters' warps and stages), compiled with the dkdv and dq entries' tiles
-# "fwd_ws", "dkdv_ws": the warp-specialized Gluon kernels (kernels/flash_{fwd,bwd}_hopper.py), with their own
-# launch parameters (--ws sets the dK/dV one)
+# "fwd_ws", "dkdv_ws", "bwd_ws": the warp-specialized Gluon kernels (kernels/flash_{fwd,bwd}_hopper.py), with
+# their own launch parameters (--ws sets the backward's); bwd_ws is the backward with dQ fused (TMA reduce-add)
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd, "dq": _attn_bwd, "bwd": _attn_bwd,
-           "fwd_ws": fws._attn_fwd_hopper, "dkdv_ws": ws._attn_bwd_dkdv_hopper}
+           "fwd_ws": fws._attn_fwd_hopper, "dkdv_ws": ws._attn_bwd_hopper, "bwd_ws": ws._attn_bwd_hopper}
 FP32_POINTERS = {"LSE", "Delta", "DLse"}
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
@@ -93,7 +93,7 @@ def tool(name: str) -> str:
 
 
 def compile_gluon(pass_name: str, d: int, causal: bool):
-    """A Gluon kernel ("fwd_ws" or "dkdv_ws") compiled for sm_90a as its launcher would launch it on the
+    """A Gluon kernel ("fwd_ws", "dkdv_ws" or "bwd_ws") compiled for sm_90a as its launcher would launch it on the
     benchmark's shapes: the arguments are built on the CPU and bound by Triton's own argument binder.
     Returns the compiled kernel and its launch parameters as a KernelConfig (BLOCK_M, BLOCK_N, 4, STAGES)."""
     from triton.compiler import make_backend
@@ -112,10 +112,13 @@ def compile_gluon(pass_name: str, d: int, causal: bool):
     else:
         block_m, stages = ws.launch_config(d)
         cfg = KernelConfig(block_m, ws.BLOCK_N.value, 4, stages)
+        fused = pass_name == "bwd_ws"
+        dq = ws.dq_descriptor(torch.empty(1, n, heads, d), block_m) if fused else None
         args = (row_descriptor(q, block_m), row_descriptor(do, block_m), row_descriptor(k, ws.HALF_N.value),
-                row_descriptor(v, ws.HALF_N.value), lse, lse, k, v, 0.1, 0.1, n, lse.stride(0), lse.stride(1),
+                row_descriptor(v, ws.HALF_N.value), dq, lse, lse, k, v, 0.1, 0.1, n, lse.stride(0), lse.stride(1),
                 k.stride(1), v.stride(1))
-        kwargs = dict(NUM_KV_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_M=block_m, STAGES=stages, CAUSAL=causal)
+        kwargs = dict(NUM_KV_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_M=block_m, STAGES=stages, CAUSAL=causal,
+                      FUSED_DQ=fused)
     kwargs.update(num_warps=4, maxnreg=MAXNREG)
     backend = make_backend(target)
     bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
@@ -151,7 +154,7 @@ def report(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: Kern
                 spill_stores=number(r"(\d+) bytes spill stores"), spill_loads=number(r"(\d+) bytes spill loads"),
                 serialized_wgmma="C7515" in log, hgmma=len(re.findall(r"\bHGMMA\b", sass)),
                 depbar=len(re.findall(r"WARPGROUP\.DEPBAR", sass)), shared_bytes=compiled.metadata.shared,
-                setmaxnreg=len(re.findall(r"SETMAXREG", sass)))
+                setmaxnreg=len(re.findall(r"SETMAXREG", sass)), tma_reduce=compiled.asm["ptx"].count("cp.reduce.async.bulk"))
 
 
 def parse_config(text: str) -> tuple[str, KernelConfig]:
@@ -200,7 +203,7 @@ def main(argv=None) -> int:
     for d in args.dims:
         for causal in map(bool, args.causal):
             for pass_name in args.passes:
-                table = {"bwd": "dkdv", "dkdv_ws": "dkdv", "fwd_ws": "fwd"}.get(pass_name, pass_name)
+                table = {"bwd": "dkdv", "dkdv_ws": "dkdv", "bwd_ws": "dkdv", "fwd_ws": "fwd"}.get(pass_name, pass_name)
                 cfg = chosen.get(table) or hopper_config(table, d, causal)
                 r = report(pass_name, d, causal, cfg, chosen.get("dq") or hopper_config("dq", d, causal))
                 rows.append(r)

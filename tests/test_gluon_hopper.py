@@ -1,5 +1,5 @@
-"""The warp-specialized Gluon kernels for Hopper: forward (kernels/flash_fwd_hopper.py) and dK/dV
-(kernels/flash_bwd_hopper.py).
+"""The warp-specialized Gluon kernels for Hopper: forward (kernels/flash_fwd_hopper.py) and backward
+(kernels/flash_bwd_hopper.py: dK/dV, and with deterministic=False dQ too).
 
 Gluon kernels do not run in Triton's interpreter: on a CPU machine they are compiled for sm_90a
 (register reallocation, no serialized wgmma); on a Hopper GPU their outputs, LSE and gradients go
@@ -42,7 +42,7 @@ def calls(monkeypatch):
             return real(*args, **kwargs)
         monkeypatch.setattr(module, attr, wrapped)
     spy("fwd", fwd_hopper, "attn_fwd")
-    spy("dkdv", bwd_hopper, "attn_bwd_dkdv")
+    spy("dkdv", bwd_hopper, "attn_bwd")
     return count
 
 
@@ -60,6 +60,22 @@ def test_matches_oracle(D, causal, B, N, H, Hk, dtype, calls):
 
 
 @needs_hopper
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("B,N,H,Hk,dtype", [(2, 2048, 2, 2, torch.bfloat16), (1, 2176, 4, 2, torch.bfloat16),
+                                            (1, 2048, 3, 1, torch.float16)], ids=["B2", "gqa-bf16", "mqa-fp16"])
+def test_fused_dq_matches_oracle(D, causal, B, N, H, Hk, dtype, calls, monkeypatch):
+    # deterministic=False: dQ accumulated inside the backward kernel by TMA reduce-add, no dQ pass (at every
+    # head dim here, also those where the launcher prefers the deterministic split for speed)
+    monkeypatch.setattr(bwd_hopper, "FUSED_DQ_HEAD_DIMS", (64, 128))
+    inputs = make_qkv(B, N, N, H, Hk, D, dtype, torch.device("cuda"))
+    check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True,
+                                                         deterministic=False),
+                         lambda q, k, v: attention_ref(q, k, v, causal=causal), inputs)
+    assert calls == {"fwd": int(D == 128), "dkdv": 1}
+
+
+@needs_hopper
 @pytest.mark.parametrize("fwd_launch,bwd_launch", [((128, 2), (64, 2)), ((128, 3), (64, 3)), ((64, 3), (32, 4))])
 def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls):
     # every launch shape the benchmark may pick, against the oracle; then q, k, v as views of one packed
@@ -72,15 +88,18 @@ def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls):
         assert calls == {"fwd": 1, "dkdv": 1}
         dout = torch.randn(2, 2048, 4, 128, device="cuda", dtype=torch.bfloat16)
         results = []
-        for passes in (("fwd", "dkdv"), ()):
+        for passes, deterministic in ((("fwd", "dkdv"), True), (("fwd", "dkdv"), False), ((), True)):
             packed = qkv.clone().requires_grad_()
             with override_gluon(*passes):
-                out, lse = flash_attn_func(*packed.unbind(2), causal=True, return_lse=True)
+                out, lse = flash_attn_func(*packed.unbind(2), causal=True, return_lse=True,
+                                           deterministic=deterministic)
                 out.backward(dout)
             results.append([out, lse, packed.grad])
-    assert calls == {"fwd": 2, "dkdv": 2}   # the packed views took the Gluon kernels (and then the Triton ones)
-    for a, b in zip(*results):
-        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+    # the packed views took the Gluon kernels (with dQ in the pass or fused, and then the Triton ones)
+    assert calls == {"fwd": 3, "dkdv": 3}
+    for result in results[:2]:
+        for a, b in zip(result, results[2]):
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
 
 
 @needs_hopper
@@ -131,15 +150,17 @@ def test_scope():
 @pytest.mark.skipif(not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists(),
                     reason="this Triton has no bundled ptxas")
 def test_compile_for_hopper_warp_specialized():
-    # no GPU needed: both kernels compile for sm_90a with register reallocation between the warp roles,
-    # and their tensor-core products are not serialized (a few waits per loop, not one per HGMMA)
+    # no GPU needed: the kernels compile for sm_90a with register reallocation between the warp roles,
+    # and their tensor-core products are not serialized (a few waits per loop, not one per HGMMA); the
+    # fused-dQ backward reduce-adds dQ by TMA
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_report.py"), "--dims", "128", "--causal", "1",
-                          "--passes", "fwd_ws", "dkdv_ws", "--json"], capture_output=True, text=True, env=env,
+                          "--passes", "fwd_ws", "dkdv_ws", "bwd_ws", "--json"], capture_output=True, text=True, env=env,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    reports = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
-    assert [r["pass_name"] for r in reports] == ["fwd_ws", "dkdv_ws"]
+    reports = [json.loads(line) for line in out.stdout.strip().splitlines()[-3:]]
+    assert [r["pass_name"] for r in reports] == ["fwd_ws", "dkdv_ws", "bwd_ws"]
+    assert reports[2]["tma_reduce"] > 0 and reports[1]["tma_reduce"] == 0
     for r in reports:
         assert r["setmaxnreg"] > 0 and r["registers"] <= MAXNREG
         assert not r["serialized_wgmma"] and r["hgmma"] > 0 and r["depbar"] < r["hgmma"] / 4
