@@ -55,11 +55,15 @@ def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    # an unused output's gradient arrives as None, not as zeros allocated and filled on every call
+    ctx.set_materialize_grads(False)
     ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if dout is None and dlse is None:
+        return (None,) * 11
     if dout is None:   # only the LSE was used
         dout = torch.zeros_like(out)
     dq, dk, dv = _flash_bwd_op(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)

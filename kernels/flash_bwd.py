@@ -24,13 +24,14 @@ from .mask import _kv_block_range, _q_block_range, _sequence_bounds, _tile_visib
 
 
 @triton.jit
-def _attn_bwd_preprocess(Out, DOut, DLse, Delta, num_rows,
+def _attn_bwd_preprocess(Out, DOut, DLse, Delta, Lse, Lse2, num_rows,
                          stride_ob, stride_om, stride_oh,
                          stride_dob, stride_dom, stride_doh,
                          stride_lb, stride_lh,
                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                         BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
-    # grid: (cdiv(num_rows, BLOCK_M), batch * heads); rows are positions along the sequence axis
+                         BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr, WRITE_LSE2: tl.constexpr):
+    # grid: (cdiv(num_rows, BLOCK_M), batch * heads); rows are positions along the sequence axis.
+    # WRITE_LSE2: also Lse2 = Lse * log2(e), +inf where Lse is -inf (the Gluon backward's form of the LSE)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // NUM_HEADS).to(tl.int64)
@@ -49,6 +50,9 @@ def _attn_bwd_preprocess(Out, DOut, DLse, Delta, num_rows,
     if HAS_DLSE:
         delta -= tl.load(DLse + l_off, mask=row_ok, other=0.0)
     tl.store(Delta + l_off, delta, mask=row_ok)
+    if WRITE_LSE2:
+        lse = tl.load(Lse + l_off, mask=row_ok, other=0.0)
+        tl.store(Lse2 + l_off, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), mask=row_ok)
 
 
 @triton.jit

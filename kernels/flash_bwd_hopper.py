@@ -272,14 +272,15 @@ def dq_descriptor(dq_acc: torch.Tensor, rows: int) -> TensorDescriptor:
                             gl.NVMMASharedLayout.get_default_for(block, gl.float32))
 
 
-def attn_bwd(q, k, v, dout, lse, delta, dk, dv, scale: float, causal: bool, dq_acc: torch.Tensor | None = None):
-    """dK and dV into ``dk``, ``dv`` ((B, N, H_kv, D), contiguous); lse and delta (B, H, N) fp32. With
-    ``dq_acc`` (fp32 zeros like q, contiguous) also dQ / scale, accumulated there by TMA reduce-add (the
-    order of the additions varies from run to run); without it the dQ pass is the caller's."""
-    # the kernel reads the LSE in base 2, with +inf for rows that saw no key (their P is then exactly 0,
-    # not NaN): one pass over (B, H, N) here instead of a select and a multiply per element in the loop,
-    # where the d64 kernel is bound by its elementwise work (docs/perf-notes.md)
-    lse = torch.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, dq_acc: torch.Tensor | None = None):
+    """dK and dV into ``dk``, ``dv`` ((B, N, H_kv, D), contiguous); lse2 and delta (B, H, N) fp32, contiguous.
+    With ``dq_acc`` (fp32 zeros like q, contiguous) also dQ / scale, accumulated there by TMA reduce-add (the
+    order of the additions varies from run to run); without it the dQ pass is the caller's.
+
+    lse2 is the LSE in base 2 (times log2(e)), +inf for rows that saw no key (their P is then exactly 0, not
+    NaN); the backward's preprocess kernel writes it with delta (WRITE_LSE2), so the loop, which bounds the
+    d64 kernel by its elementwise work, neither selects nor scales (docs/perf-notes.md)."""
+    lse = lse2
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     bm, st = launch_config(head_dim)

@@ -7,6 +7,7 @@ seqlen_k a multiple of 128, full attention, or causal from MIN_CAUSAL_SEQLEN on 
 sm_90; everything else runs the Triton kernels.
 """
 import contextlib
+import functools
 
 import torch
 from triton._C.libtriton import ir
@@ -47,11 +48,16 @@ def shapes_in_scope(tensors, left: int, right: int, varlen: bool) -> bool:
             and all(map(rows_view_ok, tensors)))
 
 
+@functools.lru_cache(maxsize=None)
+def _is_hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
 def in_scope(tensors, left: int, right: int, varlen: bool) -> bool:
     """shapes_in_scope, on a Hopper GPU."""
     q = tensors[0]
-    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and shapes_in_scope(tensors, left, right,
-                                                                                               varlen)
+    return (q.is_cuda and _is_hopper(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            and shapes_in_scope(tensors, left, right, varlen))
 
 
 def row_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:

@@ -277,6 +277,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     dk = alloc(k, memory_format=torch.contiguous_format)
     dv = alloc(v, memory_format=torch.contiguous_format)
     delta = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse) if gluon else None   # the Gluon kernel's base-2 LSE, written by the preprocess
     lse_strides = _lse_strides(lse, varlen)
     if dlse is not None:
         dlse = dlse.contiguous()
@@ -286,10 +287,10 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     pre_grid = (triton.cdiv(rows, pre_block), (1 if varlen else batch) * nheads)
     if pre_grid[0] * pre_grid[1] > 0:
         _attn_bwd_preprocess[pre_grid](
-            out, dout, dlse, delta, rows,
+            out, dout, dlse, delta, lse, lse2, rows,
             *_seq_strides(out, varlen), *_seq_strides(dout, varlen), *lse_strides,
             NUM_HEADS=nheads, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M=pre_block,
-            HAS_DLSE=dlse is not None)
+            HAS_DLSE=dlse is not None, WRITE_LSE2=lse2 is not None)
 
     cfg = get_config("dkdv_fused" if fused else "dkdv", d_pad, q.dtype, q.device, right >= 0)
     cfg_dq = cfg if fused else get_config("dq", d_pad, q.dtype, q.device, right >= 0)
@@ -313,12 +314,12 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
 
     if fused:
         if gluon_dq:   # dQ (unscaled) reduce-added by TMA inside the dK/dV kernel
-            flash_bwd_hopper.attn_bwd(q, k, v, dout, lse, delta, dk, dv, scale, causal=right == 0, dq_acc=dq)
+            flash_bwd_hopper.attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale, causal=right == 0, dq_acc=dq)
             return torch.mul(dq, scale, out=torch.empty_like(q, memory_format=torch.contiguous_format)), dk, dv
         launch("dkdv", n_dkdv, cfg)
         return dq.to(q.dtype), dk, dv
     if gluon:
-        flash_bwd_hopper.attn_bwd(q, k, v, dout, lse, delta, dk, dv, scale, causal=right == 0)
+        flash_bwd_hopper.attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale, causal=right == 0)
         launch("dq", n_dq, cfg_dq)
         return dq, dk, dv
     if use_one_launch(cfg, cfg_dq, n_dkdv + n_dq, q.dtype, q.device):
