@@ -4,7 +4,6 @@ Dispatch: CUDA tensors -> Triton kernels compiled; CPU tensors with ``TRITON_INT
 Triton kernels in Triton's interpreter (how CI tests them); CPU otherwise -> the blockwise PyTorch
 implementation in ``kernels/reference.py`` (same algorithm, O(N) memory), so training works anywhere.
 """
-from typing import Optional
 
 import torch
 
@@ -14,63 +13,75 @@ from .reference import blockwise_attention
 from .validate import check_cu_seqlens, check_options, check_qkv
 
 
-# The Triton launches are registered as custom ops so torch.compile sees two opaque ops with known
-# output shapes instead of tracing into the kernels (Inductor would otherwise re-trace the Triton
-# source and fail); autograd is attached to the forward op.
-@torch.library.custom_op("longctx::flash_attn_fwd", mutates_args=())
-def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-                  max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
-                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    # deterministic only travels to the backward (see _setup_context)
+# The launches are registered as two operators so torch.compile sees opaque ops with known output shapes
+# instead of tracing into the kernels (Inductor would otherwise re-trace the Triton source and fail). They
+# are plain torch.library definitions with autograd in a torch.autograd.Function around them, not
+# torch.library.custom_op: on the H200 host that wrapper cost about 0.4 ms of CPU time per forward+backward
+# (1.47 vs 1.04 ms, docs/bench/h200-host-overhead-2026-11-29j.txt), which a compiled GPT-2 step, whose
+# GPU time is close to its CPU time, pays twelve times.
+torch.library.define(
+    "longctx::flash_attn_fwd",
+    "(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
+    "SymInt max_seqlen_k, float scale, int left, int right) -> (Tensor, Tensor)")
+torch.library.define(
+    "longctx::flash_attn_bwd",
+    "(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
+    "Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, int left, int right, "
+    "bool deterministic) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.impl("longctx::flash_attn_fwd", "CompositeExplicitAutograd")
+def _flash_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
     return attn_fwd(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
-@_flash_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic):
+@torch.library.register_fake("longctx::flash_attn_fwd")
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if cu_seqlens_q is None:   # lse (B, H, Nq); varlen: (H, total_q)
         return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     return out, q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("longctx::flash_attn_bwd", mutates_args=())
-def _flash_bwd_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                  cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
-                  max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
-                  deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.impl("longctx::flash_attn_bwd", "CompositeExplicitAutograd")
+def _flash_bwd_impl(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                    left, right, deterministic):
     return attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q, cu_seqlens_k,
                     max_seqlen_q, max_seqlen_k, deterministic)
 
 
-@_flash_bwd_op.register_fake
+@torch.library.register_fake("longctx::flash_attn_bwd")
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
       deterministic):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output):
-    """Saves (q, k, v, out, lse) only: backward recomputes P tile by tile."""
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    # an unused output's gradient arrives as None, not as zeros allocated and filled on every call
-    ctx.set_materialize_grads(False)
-    ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic)
+_flash_fwd_op = torch.ops.longctx.flash_attn_fwd.default
+_flash_bwd_op = torch.ops.longctx.flash_attn_bwd.default
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    if dout is None and dlse is None:
-        return (None,) * 11
-    if dout is None:   # only the LSE was used
-        dout = torch.zeros_like(out)
-    dq, dk, dv = _flash_bwd_op(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+class _FlashAttn(torch.autograd.Function):
+    """(out, lse) = attention; saves (q, k, v, out, lse) only: the backward recomputes P tile by tile."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+                deterministic):
+        out, lse = _flash_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic)
+        # an unused output's gradient arrives as None, not as zeros allocated and filled on every call
+        ctx.set_materialize_grads(False)
+        return out, lse
 
-_flash_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * 11
+        if dout is None:   # only the LSE was used
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _flash_bwd_op(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -96,7 +107,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     scale = check_options(q.shape[-1], softmax_scale, window_size)
     left, right = normalize_window(causal, window_size)
     if _use_triton(q):
-        out, lse = _flash_fwd_op(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, deterministic)
+        out, lse = _FlashAttn.apply(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, deterministic)
     else:
         out, lse = blockwise_attention(q, k, v, scale, left, right)
     return (out, lse) if return_lse else out
@@ -117,8 +128,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     left, right = normalize_window(causal, window_size)
     if _use_triton(q):
-        out, lse = _flash_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 scale, left, right, deterministic)
+        out, lse = _FlashAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    scale, left, right, deterministic)
     else:
         out, lse = blockwise_attention(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k)
     return (out, lse) if return_lse else out
