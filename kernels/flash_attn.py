@@ -99,9 +99,11 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     of its diagonal, -1 meaning unbounded. Returns out (batch, seqlen_q, nheads, headdim) in q's dtype;
     with ``return_lse=True`` returns (out, lse), lse (batch, nheads, seqlen_q) float32 natural log,
     -inf (and out 0) for rows that see no key. The LSE is differentiable too.
-    ``deterministic=False`` computes dQ inside the dK/dV pass with fp32 atomics (five matrix products
-    per tile instead of seven, bit-for-bit results may vary between runs); flash-attn's default is
-    False, ours True. The CPU reference path ignores it.
+    ``deterministic=False`` lets the backward sum dQ in fp32 inside the dK/dV pass (five matrix products
+    per tile instead of seven; bit-for-bit results may vary between runs) where that is faster: on
+    Hopper, in the Gluon kernel at head dim 64 (kernels/launch.py says where); elsewhere the
+    deterministic backward runs anyway. flash-attn's default is False, ours True. The CPU reference
+    path ignores it.
     """
     check_qkv(q, k, v, varlen=False)
     scale = check_options(q.shape[-1], softmax_scale, window_size)

@@ -13,7 +13,8 @@ The launcher runs them as two launches (dK/dV, then dQ) or as one grid holding b
 Seven matrix products per tile pair instead of five with an atomic fp32 dQ: deterministic, and each
 pass is tuned on its own. ``FUSED_DQ`` is the five-product variant (FlashAttention-2's): the dK/dV
 pass also computes each tile pair's dS K and adds it into an fp32 dQ with relaxed atomics, and the
-dQ pass is skipped; the order of those additions varies run to run.
+dQ pass is skipped; the order of those additions varies run to run. It was slower than the split
+wherever measured, so the launcher runs it only when asked (``override_atomic_dq``).
 """
 import triton
 import triton.language as tl

@@ -77,6 +77,24 @@ _SM90_NONCAUSAL[("dkdv_fused", 128)] = KernelConfig(64, 128, 8, 3)
 
 _overrides: dict[str, KernelConfig] = {}
 
+# deterministic=False allows a non-deterministic dQ; it runs one only where that was measured faster than the
+# deterministic split: the Gluon kernel at the head dims it fuses (flash_bwd_hopper.FUSED_DQ_HEAD_DIMS). The
+# Triton kernel's atomic dQ was slower everywhere it was measured (H100 d128 causal 16K fwd+bwd 354 vs 400
+# TFLOP/s; H200 GPT-2's shape, d64 causal 8K: backward 0.95 vs 0.90 ms, docs/perf-notes.md), so without the
+# Gluon kernel deterministic=False runs the split unless override_atomic_dq(True) asks for it (tests, bench).
+_atomic_dq_triton: list[bool] = [False]
+
+
+@contextlib.contextmanager
+def override_atomic_dq(flag: bool):
+    """Whether deterministic=False takes the Triton kernel's atomic dQ where the Gluon kernel does not run."""
+    old = _atomic_dq_triton[0]
+    _atomic_dq_triton[0] = flag
+    try:
+        yield
+    finally:
+        _atomic_dq_triton[0] = old
+
 
 def parse_launch_spec(text: str) -> tuple[str, KernelConfig]:
     """'dkdv=64,128,8,3[,counted]' -> ('dkdv', KernelConfig(64, 128, 8, 3, counted=True)): benchmark and
@@ -253,8 +271,8 @@ def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
 
 def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
              max_seqlen_q=None, max_seqlen_k=None, deterministic=True):
-    """Gradients (dq, dk, dv) of ``out`` (and of ``lse`` when ``dlse`` is given). deterministic=False
-    takes dQ from the dK/dV pass by fp32 atomics (five products per tile pair instead of seven)."""
+    """Gradients (dq, dk, dv) of ``out`` (and of ``lse`` when ``dlse`` is given). deterministic=False lets
+    the dK/dV pass sum dQ in fp32 (five products per tile pair instead of seven) where that is faster."""
     dout = _contig_last(dout)
     q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
     # delta is allocated like lse and both are indexed with lse's strides: a caller's strided view of a
@@ -267,10 +285,10 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     # a forced launch shape (override_one_launch) is a request for the Triton backward kernel
     gluon = (_gluon("dkdv") and _one_launch_override[0] is None
              and flash_bwd_hopper.supported(q, k, v, dout, left, right, varlen))
-    # deterministic=False: dQ accumulated in fp32 by the dK/dV pass, by TMA reduce-add in the Gluon kernel
-    # (at the head dims where that is faster than its deterministic split), else by the Triton kernel's atomics
+    # deterministic=False: dQ accumulated in fp32 by the dK/dV pass where that is faster (see _atomic_dq_triton):
+    # by TMA reduce-add in the Gluon kernel, or (forced) by the Triton kernel's atomics
     gluon_dq = gluon and not deterministic and flash_bwd_hopper.fuses_dq(head_dim)
-    fused = not deterministic and (gluon_dq or not gluon)
+    fused = gluon_dq or (not deterministic and not gluon and _atomic_dq_triton[0])
     # the atomic path accumulates into zeros in fp32 (rows no key block visits stay 0)
     dq = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused
           else alloc(q, memory_format=torch.contiguous_format))

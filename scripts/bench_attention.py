@@ -29,8 +29,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import flash_attn_func  # noqa: E402
 from kernels import flash_bwd_hopper, flash_fwd_hopper  # noqa: E402
-from kernels.launch import (KernelConfig, get_config, override_configs, override_gluon,  # noqa: E402
-                            override_one_launch, parse_launch_spec)
+from kernels.launch import (KernelConfig, get_config, override_atomic_dq, override_configs,  # noqa: E402
+                            override_gluon, override_one_launch, parse_launch_spec)
 
 TOKENS, MODEL_DIM = 16384, 2048
 
@@ -85,6 +85,13 @@ def variant(name, causal):
     return "bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), context)
 
 
+@contextlib.contextmanager
+def triton_atomic():
+    """The Triton kernels only, deterministic=False taking their atomic dQ."""
+    with override_gluon(), override_atomic_dq(True):
+        yield
+
+
 def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=()):
     """name -> (layout, fn). layout 'bnhd' is ours; 'bhnd' is PyTorch's. one_launch_dkdv: the dK/dV
     parameters for ours_1launch (the "bwd" sweep's winner); variants: names for variant()."""
@@ -105,12 +112,12 @@ def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=()):
         # the Triton kernels where ours would take the Gluon ones (kernels/flash_{fwd,bwd}_hopper.py)
         "ours_triton": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
                                               override_gluon)),
-        # deterministic=False: five-product backward, dQ summed in fp32 (TMA reduce-add in the Gluon kernel at
-        # the head dims kernels/flash_bwd_hopper.py fuses, else the Triton kernel's atomics); its forward is ours
+        # deterministic=False: the five-product backward where the launcher takes it (dQ reduce-added by TMA in
+        # the Gluon kernel at the head dims kernels/flash_bwd_hopper.py fuses), else the split; forward is ours
         "ours_atomic": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=False)),
-        # the same on the Triton kernels only (what inputs outside the Gluon kernels' scope run)
+        # the Triton kernels only, with their atomic-dQ variant forced (kernels/launch.py: override_atomic_dq)
         "ours_triton_atomic": ("bnhd", _with_context(
-            lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=False), override_gluon)),
+            lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=False), triton_atomic)),
         # the deterministic backward forced into one launch (dK/dV and dQ programs in one grid) / two
         "ours_1launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), one_launch)),
         "ours_2launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
@@ -252,7 +259,8 @@ SWEEP["bwd"] = [(64, 128, 8, 3, True), (64, 128, 8, 2, True), (64, 128, 8, 3), (
 def sweep(D, causal, N, log, passes=tuple(SWEEP), tokens=TOKENS, model_dim=MODEL_DIM):
     """Best launch parameters for each pass at one point: fwd timed alone; dkdv / dq by fwd+bwd with
     the other backward pass at its current setting (two launches); dkdv_fused by fwd+bwd with
-    deterministic=False; bwd by fwd+bwd in one launch (the dK/dV parameters it takes)."""
+    deterministic=False on the Triton kernels, their atomic variant forced; bwd by fwd+bwd in one launch
+    (the dK/dV parameters it takes)."""
     H, B = model_dim // D, max(1, tokens // N)
     best = {}
     for pass_name in passes:
@@ -263,6 +271,8 @@ def sweep(D, causal, N, log, passes=tuple(SWEEP), tokens=TOKENS, model_dim=MODEL
             cfg = KernelConfig(*c)
             key = "dkdv" if pass_name == "bwd" else pass_name
             launches = override_one_launch(pass_name == "bwd") if pass_name != "fwd" else contextlib.nullcontext()
+            if pass_name == "dkdv_fused":   # the Triton kernel's atomic variant, which these candidates tune
+                launches = triton_atomic()
             try:
                 with override_configs(**{**best, key: cfg}), launches:
                     ms, _ = bench_one(lambda q, k, v: flash_attn_func(q, k, v, causal=causal,

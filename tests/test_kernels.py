@@ -18,7 +18,7 @@ import triton
 
 import kernels.flash_attn as flash_attn_module
 from kernels import flash_attn_backward, flash_attn_func, flash_attn_varlen_func
-from kernels.launch import KernelConfig, override_configs, override_one_launch
+from kernels.launch import KernelConfig, override_atomic_dq, override_configs, override_one_launch
 from kernels.reference import attention_ref, blockwise_attention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,17 +113,44 @@ def test_forward_backward(shape, causal, dtype, device):
     ((1, 90, 90, 2, 2, 64), True, (13, -1)),     # sliding window
 ], ids=["gqa-causal", "mqa-full", "nq-gt-nk", "window"])
 def test_atomic_dq_backward(shape, causal, window, device):
-    # deterministic=False: dQ summed with fp32 atomics inside the dK/dV pass; same accuracy bar
-    check_batch(*shape, torch.bfloat16, device, causal=causal, window=window, dlse=True, deterministic=False)
+    # the Triton kernel's atomic dQ (deterministic=False, forced: the launcher prefers the split where the
+    # Gluon kernel does not run): dQ summed with fp32 atomics inside the dK/dV pass; same accuracy bar
+    with override_atomic_dq(True):
+        check_batch(*shape, torch.bfloat16, device, causal=causal, window=window, dlse=True, deterministic=False)
 
 
 def test_atomic_dq_backward_varlen(device):
     cu = torch.tensor([0, 5, 5, 46, 70], dtype=torch.int32, device=device)
     q, k, v = (torch.randn(74, 4, 32, dtype=torch.float16, device=device) for _ in range(3))   # 4 rows after the last doc
-    check_against_oracle(
-        lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 41, 41, causal=True, return_lse=True,
-                                               deterministic=False),
-        lambda q, k, v: attention_ref(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), [q, k, v])
+    with override_atomic_dq(True):
+        check_against_oracle(
+            lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 41, 41, causal=True, return_lse=True,
+                                                   deterministic=False),
+            lambda q, k, v: attention_ref(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), [q, k, v])
+
+
+def test_deterministic_false_takes_the_split_unless_forced(device, monkeypatch):
+    # without the Gluon kernel, deterministic=False runs the deterministic split (faster where measured);
+    # override_atomic_dq(True) runs the atomic variant: the launch's FUSED_DQ tells them apart
+    import kernels.launch as launch
+    fused = []
+    real = launch._attn_bwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                fused.append(kwargs["FUSED_DQ"])
+                return real[grid](*args, **kwargs)
+            return run
+    monkeypatch.setattr(launch, "_attn_bwd", Spy())
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 40, 40, 2, 2, 32, torch.float16, device))
+    with launch.override_gluon():
+        flash_attn_func(q, k, v, causal=True, deterministic=False).sum().backward()
+        assert fused and not any(fused)
+        fused.clear()
+        with override_atomic_dq(True):
+            flash_attn_func(q, k, v, causal=True, deterministic=False).sum().backward()
+        assert fused == [True]
 
 
 @pytest.mark.parametrize("D", [8, 16, 96, 256])
@@ -190,7 +217,7 @@ def test_counted_dkdv_loop(deterministic, device):
     # serializes the wgmma of the tl.range form, scripts/kernel_report.py); same gradients: uneven
     # tails, GQA, padded head dim, windows, Nq != Nk, rows that see no key, varlen with an empty document
     counted = KernelConfig(32, 16, 1, 1, counted=True) if device.type == "cpu" else KernelConfig(64, 64, 4, 2, counted=True)
-    with override_configs(dkdv=counted, dkdv_fused=counted):
+    with override_configs(dkdv=counted, dkdv_fused=counted), override_atomic_dq(True):
         check_batch(2, 97, 97, 4, 2, 80, torch.bfloat16, device, causal=True, dlse=True, deterministic=deterministic)
         check_batch(1, 100, 77, 2, 1, 32, torch.float16, device, causal=True, window=(40, -1),
                     deterministic=deterministic)
