@@ -86,14 +86,19 @@ _atomic_dq_triton: list[bool] = [False]
 
 
 @contextlib.contextmanager
-def override_atomic_dq(flag: bool):
-    """Whether deterministic=False takes the Triton kernel's atomic dQ where the Gluon kernel does not run."""
-    old = _atomic_dq_triton[0]
-    _atomic_dq_triton[0] = flag
+def _setting(cell: list, value):
+    """cell[0] = value for the duration of the block (the override_* switches below)."""
+    old = cell[0]
+    cell[0] = value
     try:
         yield
     finally:
-        _atomic_dq_triton[0] = old
+        cell[0] = old
+
+
+def override_atomic_dq(flag: bool):
+    """Whether deterministic=False takes the Triton kernel's atomic dQ where the Gluon kernel does not run."""
+    return _setting(_atomic_dq_triton, flag)
 
 
 def parse_launch_spec(text: str) -> tuple[str, KernelConfig]:
@@ -119,15 +124,9 @@ ONE_LAUNCH_MAX_WAVES = 16
 _one_launch_override: list[bool | None] = [None]
 
 
-@contextlib.contextmanager
 def override_one_launch(flag: bool):
     """Force the backward into one launch (True) or two (False): tests and benchmarks."""
-    old = _one_launch_override[0]
-    _one_launch_override[0] = flag
-    try:
-        yield
-    finally:
-        _one_launch_override[0] = old
+    return _setting(_one_launch_override, flag)
 
 
 @functools.lru_cache(maxsize=None)
