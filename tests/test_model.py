@@ -330,10 +330,32 @@ def test_generate_sampling_top_k():
     (dict(rope_scaling="yarn", rope_scaling_factor=4.0), "rope_original_seq_len"),
     (dict(rope_scaling="yarn", rope_scaling_factor=0.5, rope_original_seq_len=64), "rope_scaling_factor"),
     (dict(attention="sdpa", sdpa_backend="flash"), "sdpa_backend"),  # flash SDPA takes no document mask
+    (dict(deterministic_attention="yes"), "deterministic_attention"),
 ])
 def test_config_validation_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"GPTConfig\.{field}\b"):
         make_config(**overrides)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_attention_reaches_the_kernels(deterministic, monkeypatch):
+    # model.deterministic_attention is flash_attn_func's / flash_attn_varlen_func's deterministic, with and
+    # without documents
+    import kernels
+    seen = []
+
+    def spy(real):
+        def fn(*args, **kwargs):
+            seen.append(kwargs["deterministic"])
+            return real(*args, **kwargs)
+        return fn
+    monkeypatch.setattr(kernels, "flash_attn_func", spy(kernels.flash_attn_func))
+    monkeypatch.setattr(kernels, "flash_attn_varlen_func", spy(kernels.flash_attn_varlen_func))
+    model = make_model(attention="reference", deterministic_attention=deterministic)
+    input_ids = torch.randint(0, VOCAB, (2, 12))
+    model(input_ids)
+    model(input_ids, cu_seqlens=torch.tensor([0, 5, 24], dtype=torch.int32))
+    assert seen == [deterministic] * 4   # two layers, two calls
 
 
 def test_config_defaults():
