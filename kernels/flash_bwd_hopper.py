@@ -37,10 +37,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
-
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .hopper import (CONSUMER_REGS, MAXNREG, LaunchChoice, in_scope, row_descriptor, tma_reduce_add,
+from .hopper import (CONSUMER_REGS, MAXNREG, LaunchChoice, in_scope, row_descriptor, tile_layout, tma_reduce_add,
                      warpgroup_layout)
 
 BLOCK_N = gl.constexpr(128)        # keys per program, 64 per consumer warpgroup
@@ -267,9 +266,8 @@ override_launch = launch_config.override
 def dq_descriptor(dq_acc: torch.Tensor, rows: int) -> TensorDescriptor:
     """TMA descriptor over the fp32 dQ accumulator (B, N, H, D) as (B * N, H * D), tiles rows x DQ_COLS."""
     b, n, h, d = dq_acc.shape
-    block = [rows, DQ_COLS.value]
-    return TensorDescriptor(dq_acc, [b * n, h * d], [dq_acc.stride(1), 1], block,
-                            gl.NVMMASharedLayout.get_default_for(block, gl.float32))
+    return TensorDescriptor(dq_acc, [b * n, h * d], [dq_acc.stride(1), 1], [rows, DQ_COLS.value],
+                            tile_layout(rows, DQ_COLS.value, gl.float32))
 
 
 def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, dq_acc: torch.Tensor | None = None):
@@ -280,14 +278,13 @@ def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, dq_
     lse2 is the LSE in base 2 (times log2(e)), +inf for rows that saw no key (their P is then exactly 0, not
     NaN); the backward's preprocess kernel writes it with delta (WRITE_LSE2), so the loop, which bounds the
     d64 kernel by its elementwise work, neither selects nor scales (docs/perf-notes.md)."""
-    lse = lse2
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     bm, st = launch_config(head_dim)
     grid = (batch * nheads_k * (seqlen // BLOCK_N.value),)
     _attn_bwd_hopper[grid](
         row_descriptor(q, bm), row_descriptor(dout, bm), row_descriptor(k, HALF_N.value),
-        row_descriptor(v, HALF_N.value), None if dq_acc is None else dq_descriptor(dq_acc, bm), lse, delta, dk, dv,
-        scale, scale * 1.4426950408889634, seqlen, lse.stride(0), lse.stride(1), dk.stride(1), dv.stride(1),
+        row_descriptor(v, HALF_N.value), None if dq_acc is None else dq_descriptor(dq_acc, bm), lse2, delta, dk, dv,
+        scale, scale * 1.4426950408889634, seqlen, lse2.stride(0), lse2.stride(1), dk.stride(1), dv.stride(1),
         NUM_KV_HEADS=nheads_k, GROUP=nheads // nheads_k, HEAD_DIM=head_dim, BLOCK_M=bm, STAGES=st,
         CAUSAL=causal, FUSED_DQ=dq_acc is not None, num_warps=4, maxnreg=MAXNREG)

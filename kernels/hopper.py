@@ -60,12 +60,18 @@ def in_scope(tensors, left: int, right: int, varlen: bool) -> bool:
             and shapes_in_scope(tensors, left, right, varlen))
 
 
+@functools.lru_cache(maxsize=None)
+def tile_layout(rows: int, cols: int, dtype) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of a (rows, cols) TMA tile, built once (it costs more host time than the
+    descriptor itself, and every launch builds five descriptors)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
+
+
 def row_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """TMA descriptor over (B * N, H * D) reading tiles of `rows` rows by one head's D columns."""
     b, n, h, d = t.shape
     dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    return TensorDescriptor(t, [b * n, h * d], [t.stride(1), 1], [rows, d],
-                            gl.NVMMASharedLayout.get_default_for([rows, d], dtype))
+    return TensorDescriptor(t, [b * n, h * d], [t.stride(1), 1], [rows, d], tile_layout(rows, d, dtype))
 
 
 class LaunchChoice:
