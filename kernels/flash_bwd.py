@@ -25,14 +25,18 @@ from .mask import _kv_block_range, _q_block_range, _sequence_bounds, _tile_visib
 
 
 @triton.jit
-def _attn_bwd_preprocess(Out, DOut, DLse, Delta, Lse, Lse2, num_rows,
+def _attn_bwd_preprocess(Out, DOut, DLse, Delta, Lse, Lse2, DQAcc, num_rows,
                          stride_ob, stride_om, stride_oh,
                          stride_dob, stride_dom, stride_doh,
+                         stride_qb, stride_qm, stride_qh,
                          stride_lb, stride_lh,
                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                         BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr, WRITE_LSE2: tl.constexpr):
+                         BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr, WRITE_LSE2: tl.constexpr,
+                         ZERO_DQ: tl.constexpr):
     # grid: (cdiv(num_rows, BLOCK_M), batch * heads); rows are positions along the sequence axis.
-    # WRITE_LSE2: also Lse2 = Lse * log2(e), +inf where Lse is -inf (the Gluon backward's form of the LSE)
+    # WRITE_LSE2: also Lse2 = Lse * log2(e), +inf where Lse is -inf (the Gluon backward's form of the LSE).
+    # ZERO_DQ: also zero the fp32 dQ accumulator of the atomic / reduce-add backward (one launch fewer than
+    # a separate fill; every row is visited, also varlen rows outside any document)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // NUM_HEADS).to(tl.int64)
@@ -54,6 +58,9 @@ def _attn_bwd_preprocess(Out, DOut, DLse, Delta, Lse, Lse2, num_rows,
     if WRITE_LSE2:
         lse = tl.load(Lse + l_off, mask=row_ok, other=0.0)
         tl.store(Lse2 + l_off, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), mask=row_ok)
+    if ZERO_DQ:
+        tl.store(DQAcc + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                 tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32), mask=mask)
 
 
 @triton.jit

@@ -288,8 +288,8 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     # by TMA reduce-add in the Gluon kernel, or (forced) by the Triton kernel's atomics
     gluon_dq = gluon and not deterministic and flash_bwd_hopper.fuses_dq(head_dim)
     fused = gluon_dq or (not deterministic and not gluon and _atomic_dq_triton[0])
-    # the atomic path accumulates into zeros in fp32 (rows no key block visits stay 0)
-    dq = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused
+    # the atomic path accumulates in fp32 into zeros the preprocess writes (rows no key block visits stay 0)
+    dq = (torch.empty(q.shape, dtype=torch.float32, device=q.device) if fused
           else alloc(q, memory_format=torch.contiguous_format))
     dk = alloc(k, memory_format=torch.contiguous_format)
     dv = alloc(v, memory_format=torch.contiguous_format)
@@ -304,10 +304,10 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     pre_grid = (triton.cdiv(rows, pre_block), (1 if varlen else batch) * nheads)
     if pre_grid[0] * pre_grid[1] > 0:
         _attn_bwd_preprocess[pre_grid](
-            out, dout, dlse, delta, lse, lse2, rows,
-            *_seq_strides(out, varlen), *_seq_strides(dout, varlen), *lse_strides,
+            out, dout, dlse, delta, lse, lse2, dq, rows,
+            *_seq_strides(out, varlen), *_seq_strides(dout, varlen), *_seq_strides(dq, varlen), *lse_strides,
             NUM_HEADS=nheads, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M=pre_block,
-            HAS_DLSE=dlse is not None, WRITE_LSE2=lse2 is not None)
+            HAS_DLSE=dlse is not None, WRITE_LSE2=lse2 is not None, ZERO_DQ=fused)
 
     cfg = get_config("dkdv_fused" if fused else "dkdv", d_pad, q.dtype, q.device, right >= 0)
     cfg_dq = cfg if fused else get_config("dq", d_pad, q.dtype, q.device, right >= 0)
