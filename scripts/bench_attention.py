@@ -4,6 +4,7 @@
     make bench ARGS="--dims 128 --seqlens 16384 --causal 1"
     make bench ARGS="--sweep"                     # also search launch parameters per pass first
     make bench ARGS="--dims 64 --causal 1 --seqlens 8192 --tokens 8192 --model-dim 768"  # GPT-2 small's
+    make bench ARGS="--host-overhead --dims 64 --causal 0 --seqlens 256 --tokens 256 --providers ours sdpa_cudnn"
 
 Grid as in the field (FlashAttention papers, docs/perf-notes.md): bf16, B * N = 16K tokens (B = 1 at
 N >= 16K), H * D = 2048. FLOPs: forward 4 * B * H * N^2 * D, halved when causal; forward+backward
@@ -199,6 +200,26 @@ def profile_one(fn, layout, B, N, H, D, steps=10):
     return kernel_times(prof.events(), steps)
 
 
+def host_time(fn, layout, B, N, H, D, steps=200):
+    """(host us, wall us) per forward+backward step: the CPU time to issue `steps` steps back to back
+    (after warm-up), and the time until the GPU finished them. At small shapes the GPU waits for the host,
+    and host ~ wall measures the op's launch overhead."""
+    import time
+    step, inputs = _setup(fn, layout, B, N, H, D, "fwd_bwd")
+    with getattr(fn, "context", contextlib.nullcontext)():
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        host = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    del inputs, step
+    return host / steps * 1e6, wall / steps * 1e6
+
+
 def kernel_times(events, steps):
     """{kernel label: ms per step} from profiler events (see profile_one)."""
     kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
@@ -313,6 +334,9 @@ def main():
                          "median and +- half the spread (METHOD.md: a difference inside the spread is noise)")
     ap.add_argument("--profile-seqlens", type=int, nargs="*", default=[],
                     help="also profile one forward+backward step per provider at these lengths: GPU ms per kernel")
+    ap.add_argument("--host-overhead", action="store_true",
+                    help="instead of the grid: CPU time to issue one forward+backward per provider at --seqlens "
+                         "(e.g. --seqlens 256 8192), against the time until the GPU finished it")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -329,6 +353,9 @@ def main():
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()}
     log(json.dumps(env))
+    if args.host_overhead:
+        host_overhead(args, env, out_dir, log)
+        return
     rows, profiles = [], []
     for D in args.dims:
         for causal in map(bool, args.causal):
@@ -386,6 +413,31 @@ def main():
     print_table(rows, env, log)
     log_file.close()
     plot(rows, env, out_dir / "bench.png")
+
+
+def host_overhead(args, env, out_dir, log):
+    """--host-overhead: host and wall microseconds per forward+backward step, per provider and point."""
+    rows = []
+    log(f"\nus per forward+backward step on {env['gpu']} (host: issuing it; wall: until the GPU finished)")
+    log("| D | causal | N | B | H | " + " | ".join(f"{p} host / wall" for p in args.providers) + " |")
+    for D in args.dims:
+        for causal in map(bool, args.causal):
+            for N in args.seqlens:
+                B, H = max(1, args.tokens // N), args.model_dim // D
+                providers = make_providers(causal, N, "flex" in args.providers, None,
+                                           [p for p in args.providers if "+" in p])
+                cells = []
+                for name in args.providers:
+                    if name not in providers:
+                        cells.append("-")
+                        continue
+                    layout, fn = providers[name]
+                    host, wall = host_time(fn, layout, B, N, H, D)
+                    rows.append(dict(D=D, causal=causal, N=N, B=B, H=H, provider=name, host_us=host, wall_us=wall))
+                    cells.append(f"{host:.0f} / {wall:.0f}")
+                    torch.cuda.empty_cache()
+                log(f"| {D} | {int(causal)} | {N} | {B} | {H} | " + " | ".join(cells) + " |")
+    (out_dir / "host_overhead.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
 
 
 def _summary(rs):
