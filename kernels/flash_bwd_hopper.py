@@ -39,8 +39,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .hopper import (CONSUMER_REGS, MAXNREG, LaunchChoice, in_scope, row_descriptor, tile_layout, tma_reduce_add,
-                     warpgroup_layout)
+from .hopper import (CONSUMER_REGS, HAS_TMA_REDUCE, MAXNREG, LaunchChoice, in_scope, row_descriptor, tile_layout,
+                     tma_reduce_add, warpgroup_layout)
 
 BLOCK_N = gl.constexpr(128)        # keys per program, 64 per consumer warpgroup
 HALF_N = gl.constexpr(64)
@@ -253,8 +253,9 @@ FUSED_DQ_HEAD_DIMS = (64,)
 
 
 def fuses_dq(head_dim: int) -> bool:
-    """Whether attn_bwd computes dQ too (dq_acc) at this head dim; the dQ product needs 64-row tiles."""
-    return head_dim in FUSED_DQ_HEAD_DIMS and launch_config(head_dim)[0] >= 64
+    """Whether attn_bwd computes dQ too (dq_acc) at this head dim; the dQ product needs 64-row tiles, and
+    the TMA reduce-add a Triton that builds it (HAS_TMA_REDUCE)."""
+    return HAS_TMA_REDUCE and head_dim in FUSED_DQ_HEAD_DIMS and launch_config(head_dim)[0] >= 64
 
 
 # (BLOCK_M, STAGES): query rows per tile and slots in the ring, per head dim (H200: 32-row tiles 5-9% slower,

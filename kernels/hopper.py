@@ -94,6 +94,15 @@ class LaunchChoice:
             self.forced = old
 
 
+# The builder call tma_reduce_add makes is not part of Gluon's public API: where a Triton lacks it, the
+# backward keeps its deterministic split (flash_bwd_hopper.fuses_dq).
+try:
+    from triton._C.libtriton import gluon_ir
+    HAS_TMA_REDUCE = hasattr(gluon_ir.GluonOpBuilder, "create_async_tma_reduce")
+except ImportError:
+    HAS_TMA_REDUCE = False
+
+
 @builtin
 def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
     """Add the shared-memory tile ``src`` into global memory at ``coord`` of ``tensor_desc`` by TMA

@@ -7,6 +7,7 @@ cu_seqlens pointers, and each program reads its document's bounds from them.
 import contextlib
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,16 @@ from .flash_bwd import _attn_bwd, _attn_bwd_preprocess
 from .flash_fwd import _attn_fwd
 
 # The Gluon kernels are written against Triton 3.6's Gluon API, which is experimental and changes between
-# releases: with an older Triton (or one without Gluon) the Triton kernels run every pass.
+# releases: with an older Triton (or one without Gluon), or a newer one whose Gluon no longer has what they
+# import, the Triton kernels run every pass.
+flash_bwd_hopper = flash_fwd_hopper = None
 if tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit()) >= (3, 6):
-    from . import flash_bwd_hopper, flash_fwd_hopper
-else:
-    flash_bwd_hopper = flash_fwd_hopper = None
+    try:
+        from . import flash_bwd_hopper, flash_fwd_hopper
+    except (ImportError, AttributeError) as e:
+        warnings.warn(f"the Gluon kernels for Hopper do not load with Triton {triton.__version__} ({e}); "
+                      "the Triton kernels run instead", stacklevel=2)
+        flash_bwd_hopper = flash_fwd_hopper = None
 
 # Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at import: record it once.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
