@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks behind the issues' closing notes, in one command (run on a CUDA machine):
-#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train] [memory] [kernel]
+#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train] [memory] [kernel] [e2e]
 # tests: the whole suite compiled on the GPU; bench: the kernel grid vs SDPA (make bench);
 # train: GPT-2 small at 16K context, 200 steps with our kernel and with SDPA, same seed and data;
 # memory: GPT-2 124M with and without the memory plan from 64K to 1M tokens, with what holds the
 # memory at the peak at 64K and 1M (bench_context.py --breakdown-at; ~7 minutes);
 # kernel: the compiler report, the Gluon kernels' GPU tests, then 4K/16K against the Triton kernels
 # alone, FlexAttention, cuDNN and FA2 with 3 interleaved repeats and GPU ms per kernel at 16K
-# (~6 minutes).
+# (~6 minutes); ours_atomic is deterministic=False (the fused Gluon backward at d64).
+# e2e: host microseconds per forward+backward (make bench --host-overhead), then GPT-2 124M's compiled
+# training step at 8K with our kernels (deterministic_attention false / true) and SDPA cuDNN, same machine.
 set -uo pipefail
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -38,8 +40,13 @@ for s in "${steps[@]}"; do
       $PY scripts/kernel_report.py 2>&1 | tee "$OUT/kernel_report.md" | tail -26
       $PY -m pytest -q -p no:cacheprovider tests/test_gluon_hopper.py 2>&1 | tee "$OUT/gluon_tests.log" | tail -3
       $PY scripts/bench_attention.py --dims 64 128 --seqlens 4096 16384 --repeats 3 --profile-seqlens 16384 \
-        --providers ours ours_triton flex sdpa_cudnn sdpa_flash --out "$OUT/kernel" 2>&1 \
+        --providers ours ours_atomic ours_triton flex sdpa_cudnn sdpa_flash --out "$OUT/kernel" 2>&1 \
         | grep -v '^{"D"' | tail -40 ;;
-    *) echo "unknown step $s (tests | bench | train | memory | kernel)"; exit 2 ;;
+    e2e)
+      $PY scripts/bench_attention.py --host-overhead --dims 64 --causal 0 1 --seqlens 256 8192 --tokens 8192 \
+        --model-dim 768 --providers ours ours_atomic ours_triton sdpa_cudnn --out "$OUT/host" 2>&1 | tail -8
+      $PY scripts/bench_context.py --configs flash flash_det sdpa_cudnn --start 8192 --max 8192 --steps 10 \
+        --compile --wandb none --out "$OUT/e2e" 2>&1 | grep -v '^{"config"' | tail -8 ;;
+    *) echo "unknown step $s (tests | bench | train | memory | kernel | e2e)"; exit 2 ;;
   esac
 done
