@@ -496,7 +496,7 @@ def test_memory_is_linear_in_sequence_length():
 
 
 def test_torch_compile_traces_the_op_in_one_graph(device):
-    # the kernels are custom ops: torch.compile (fullgraph) must trace fwd and bwd without breaking
+    # the kernels are torch.library operators: torch.compile (fullgraph) must trace fwd and bwd without breaking
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 40, 40, 4, 2, 32, torch.float16, device))
     backend = "inductor" if device.type == "cuda" else "aot_eager"
     compiled = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, causal=True), backend=backend,
