@@ -20,6 +20,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -204,7 +205,6 @@ def host_time(fn, layout, B, N, H, D, steps=200):
     """(host us, wall us) per forward+backward step: the CPU time to issue `steps` steps back to back
     (after warm-up), and the time until the GPU finished them. At small shapes the GPU waits for the host,
     and host ~ wall measures the op's launch overhead."""
-    import time
     step, inputs = _setup(fn, layout, B, N, H, D, "fwd_bwd")
     with getattr(fn, "context", contextlib.nullcontext)():
         for _ in range(20):

@@ -59,6 +59,18 @@ def test_matches_oracle(D, causal, B, N, H, Hk, dtype, calls):
     assert calls == {"fwd": int(D == 128), "dkdv": 1}   # the Gluon forward runs at head dim 128 only
 
 
+def fused_calls(monkeypatch):
+    """Per backward kernel launch from here on, whether it took dQ too (a dq_acc was passed)."""
+    seen = []
+    real = bwd_hopper.attn_bwd
+
+    def wrapped(*args, dq_acc=None, **kwargs):
+        seen.append(dq_acc is not None)
+        return real(*args, dq_acc=dq_acc, **kwargs)
+    monkeypatch.setattr(bwd_hopper, "attn_bwd", wrapped)
+    return seen
+
+
 @needs_hopper
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -68,16 +80,17 @@ def test_fused_dq_matches_oracle(D, causal, B, N, H, Hk, dtype, calls, monkeypat
     # deterministic=False: dQ accumulated inside the backward kernel by TMA reduce-add, no dQ pass (at every
     # head dim here, also those where the launcher prefers the deterministic split for speed)
     monkeypatch.setattr(bwd_hopper, "FUSED_DQ_HEAD_DIMS", (64, 128))
+    fused = fused_calls(monkeypatch)
     inputs = make_qkv(B, N, N, H, Hk, D, dtype, torch.device("cuda"))
     check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True,
                                                          deterministic=False),
                          lambda q, k, v: attention_ref(q, k, v, causal=causal), inputs)
-    assert calls == {"fwd": int(D == 128), "dkdv": 1}
+    assert calls == {"fwd": int(D == 128), "dkdv": 1} and fused == [True]   # dQ came from the Gluon kernel
 
 
 @needs_hopper
 @pytest.mark.parametrize("fwd_launch,bwd_launch", [((128, 2), (64, 2)), ((128, 3), (64, 3)), ((64, 3), (32, 4))])
-def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls):
+def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls, monkeypatch):
     # every launch shape the benchmark may pick, against the oracle; then q, k, v as views of one packed
     # (B, N, 3, H, D) tensor (rows strided by 3 * H * D, as a fused qkv projection gives them), whose
     # results equal the Triton kernels' within rounding
@@ -87,6 +100,8 @@ def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls):
                              lambda q, k, v: attention_ref(q, k, v, causal=True), list(qkv.unbind(2)))
         assert calls == {"fwd": 1, "dkdv": 1}
         dout = torch.randn(2, 2048, 4, 128, device="cuda", dtype=torch.bfloat16)
+        monkeypatch.setattr(bwd_hopper, "FUSED_DQ_HEAD_DIMS", (128,))   # the fused backward at this head dim too
+        fused = fused_calls(monkeypatch)
         results = []
         for passes, deterministic in ((("fwd", "dkdv"), True), (("fwd", "dkdv"), False), ((), True)):
             packed = qkv.clone().requires_grad_()
@@ -95,8 +110,9 @@ def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls):
                                            deterministic=deterministic)
                 out.backward(dout)
             results.append([out, lse, packed.grad])
-    # the packed views took the Gluon kernels (with dQ in the pass or fused, and then the Triton ones)
-    assert calls == {"fwd": 3, "dkdv": 3}
+    # the packed views took the Gluon kernels (dQ by the Triton pass, then fused unless the launch has 32-row
+    # tiles), and then the Triton ones
+    assert calls == {"fwd": 3, "dkdv": 3} and fused == [False, bwd_launch[0] >= 64]
     for result in results[:2]:
         for a, b in zip(result, results[2]):
             assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
