@@ -49,7 +49,6 @@ MODEL_DIM = 2048                                   # as scripts/bench_attention.
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd, "dq": _attn_bwd, "bwd": _attn_bwd,
            "fwd_ws": fws._attn_fwd_hopper, "dkdv_ws": ws._attn_bwd_hopper, "bwd_ws": ws._attn_bwd_hopper}
 FP32_POINTERS = {"LSE", "Delta", "DLse"}
-NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
@@ -86,9 +85,12 @@ def constexprs(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: 
 
 
 def tool(name: str) -> str:
-    path = NVIDIA_BIN / name
+    """The CUDA tool Triton itself uses (its TRITON_PTXAS_PATH-style override, else the one it bundles): the PTX
+    version Triton emits follows that ptxas, so another ptxas can reject it (a CUDA 13 image: PTX 9.0 vs 8.7)."""
+    from triton import knobs
+    path = Path(getattr(knobs.nvidia, name).path)
     if not path.exists():
-        sys.exit(f"{path} not found: this Triton install has no bundled {name}")
+        sys.exit(f"{path} not found: this Triton install has no {name}")
     return str(path)
 
 
