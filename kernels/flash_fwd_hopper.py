@@ -8,13 +8,16 @@ at every key tile. One program owns BLOCK_M = 128 query rows of one head:
   through a ring of STAGES shared-memory slots with TMA, K and V on separate "ready" mbarriers so the
   scores can start before V has landed; it refills a slot once both consumers released it;
 - two consumer warpgroups each own 64 query rows, their running max, sum and output in registers.
-  Per key tile a consumer computes S = Q K^T, the softmax update, and O += P V (P from registers),
-  then releases the slot.
+  The loop is pipelined by one tile: iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1}
+  together, then runs tile j's softmax (P from registers, one FFMA per score: the max is taken on the
+  raw scores).
+- the two consumers take turns issuing their products ("turn" mbarriers, FA3's ping-pong), so one
+  warpgroup's exponentials run while the other's products occupy the tensor cores. Without the turns
+  both tend to compute exponentials at the same time and leave the tensor cores idle.
 
-The consumers never wait for each other, so one's exponentials overlap the other's products. Causal
-masking is applied only on the tiles that cross the diagonal. Scope: kernels/hopper.py at head dim 128
-(``supported``); everything else runs the Triton forward. Tested on the GPU and compiled for sm_90a without one
-(tests/test_gluon_hopper.py, scripts/kernel_report.py).
+Causal masking is applied only on the tiles that cross the diagonal. Scope: kernels/hopper.py at HEAD_DIMS
+(``supported``); everything else runs the Triton forward. Tested on the GPU and compiled for sm_90a
+without one (tests/test_gluon_hopper.py, scripts/kernel_report.py).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -30,7 +33,7 @@ HALF_M = gl.constexpr(64)
 @gluon.jit
 def _producer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """One warp: both halves of Q once, then K and V tile by tile through the slot ring."""
-    (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty,
+    (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, turn,
      q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0) = args
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     for half in gl.static_range(2):
@@ -46,10 +49,32 @@ def _producer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
 
 
 @gluon.jit
+def _softmax_step(s, j, m_i, l_i, qk_scale, offs_m, offs_c, first_row, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Key tile j's raw scores s -> (probabilities p, new running max, new running sum, rescale factor).
+    The max is taken on the raw scores (qk_scale > 0), so each score costs one FFMA (s * scale - max), not
+    a multiply and a subtract. Causal: only tiles reaching past this warpgroup's first row are masked;
+    every row sees key 0 in the first tile, so its running max is finite from then on."""
+    if CAUSAL:
+        if (j + 1) * BLOCK_N > first_row + 1:
+            s = gl.where(offs_m[:, None] >= (j * BLOCK_N + offs_c)[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
+
+
+@gluon.jit
 def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
               HALF: gl.constexpr):
-    """One warpgroup: output rows [m0 + HALF * 64, + 64) and their LSE."""
-    (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty,
+    """One warpgroup: output rows [m0 + HALF * 64, + 64) and their LSE.
+
+    Software-pipelined by one tile: iteration j issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1}, waits
+    for S_j only, runs tile j's softmax while the PV product is still on the tensor cores, then waits for
+    it, releases tile j-1's slot and rescales O. Nothing is in flight across the loop's back-edge (ptxas
+    serializes every wgmma of a kernel where something is). The two warpgroups take turns issuing
+    ("turn" mbarriers, FA3's ping-pong), so one's products run while the other computes exponentials
+    instead of both doing the same thing at the same time."""
+    (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, turn,
      q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0) = args
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = warpgroup_layout(BLOCK_N)
@@ -57,39 +82,56 @@ def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    # issue turns: warpgroup 0's k-th issue waits phase (k & 1) ^ 1 of turn[0] (the first passes at once),
+    # warpgroup 1's waits phase k & 1 of turn[1]; each arrives on the other's barrier after issuing
+    mine = turn.index(HALF)
+    other = turn.index(1 - HALF)
+    flip: gl.constexpr = 1 - HALF
 
     first_row = m0 + HALF * HALF_M
     offs_m = first_row + gl.arange(0, HALF_M, layout=row_s)
     offs_c = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    m_i = gl.full([HALF_M], float("-inf"), gl.float32, row_s)
-    l_i = gl.zeros([HALF_M], gl.float32, row_s)
     acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
     q_s = q_smem.index(HALF)
     mbarrier.wait(q_bar, 0)
-    for j in range(n_tiles):
+
+    # tile 0: scores only
+    mbarrier.wait(mine, flip)
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q_s, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    mbarrier.arrive(other, count=1)
+    s = warpgroup_mma_wait(0, deps=(s, ))
+    p, m_i, l_i, alpha = _softmax_step(s, 0, gl.full([HALF_M], float("-inf"), gl.float32, row_s),
+                                       gl.zeros([HALF_M], gl.float32, row_s), qk_scale, offs_m, offs_c, first_row,
+                                       BLOCK_N, CAUSAL)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    for j in range(1, n_tiles):
         slot = j % STAGES
-        phase = (j // STAGES) & 1
-        mbarrier.wait(k_ready.index(slot), phase)
+        prev = (j - 1) % STAGES
+        mbarrier.wait(mine, (j & 1) ^ flip)
+        # tile j-2's slot, whose PV product finished in the previous iteration. Released here rather than
+        # right after that wait: ptxas hoists an mbarrier arrive (and the wgmma wait before it) above the
+        # softmax, which would stall the softmax on the PV product
+        mbarrier.arrive(empty.index((j + STAGES - 2) % STAGES), count=1, pred=j >= 2)
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
         s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s, ))
-        s = s * qk_scale
-        # causal: only tiles reaching past this warpgroup's first row need the mask. Every row sees key
-        # 0 in the first tile, so its running max is finite from then on and masked scores give p = 0.
-        if CAUSAL:
-            if (j + 1) * BLOCK_N > first_row + 1:
-                s = gl.where(offs_m[:, None] >= (j * BLOCK_N + offs_c)[None, :], s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        p = gl.exp2(s - m_new[:, None])
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        m_i = m_new
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        mbarrier.wait(v_ready.index(slot), phase)
-        acc = warpgroup_mma(p_op, v_bufs.index(slot), acc, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
+        mbarrier.arrive(other, count=1)
+        s = warpgroup_mma_wait(1, deps=(s, ))
+        p, m_i, l_i, alpha = _softmax_step(s, j, m_i, l_i, qk_scale, offs_m, offs_c, first_row, BLOCK_N, CAUSAL)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-        mbarrier.arrive(empty.index(slot), count=1)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+    # the last tile's PV
+    last = (n_tiles - 1) % STAGES
+    mbarrier.wait(mine, (n_tiles & 1) ^ flip)
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    acc = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+    mbarrier.arrive(other, count=1)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    mbarrier.arrive(empty.index(last), count=1)
 
     acc = acc / gl.convert_layout(l_i, row_o)[:, None]
     rows = q_row0 + HALF * HALF_M + gl.arange(0, HALF_M, layout=row_o)
@@ -124,6 +166,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_
     n_tiles = (m0 + BLOCK_M) // BLOCK_N if CAUSAL else seqlen // BLOCK_N
     lse_row0 = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + m0
 
+    gl.static_assert(STAGES >= 3, "a slot is released two tiles after its scores: the ring needs 3 slots")
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -132,14 +175,17 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)   # both consumer warpgroups release a slot
     fence_async_shared()
 
-    args = (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty,
+    args = (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, turn,
             q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0)
     gl.warp_specialize([(_consumer, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, 0)),
                         (_consumer_hi, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
@@ -147,15 +193,17 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_
                        [4, 1], [CONSUMER_REGS, 24])
 
 
+# head dims whose forward this kernel runs; the others run the Triton forward (tests force both)
+HEAD_DIMS = (64, 128)
+
+
 def supported(q, k, v, left: int, right: int, varlen: bool) -> bool:
-    """Whether this kernel runs the forward of these inputs: kernels/hopper.py's scope at head dim 128.
-    At head dim 64 the Triton forward is as fast without the mask and faster with it (H200, 4K-16K:
-    causal 360-403 TFLOP/s against this kernel's 330-387; docs/perf-notes.md), so it keeps that case."""
-    return q.shape[-1] == 128 and in_scope((q, k, v), left, right, varlen)
+    """Whether this kernel runs the forward of these inputs: kernels/hopper.py's scope at HEAD_DIMS."""
+    return q.shape[-1] in HEAD_DIMS and in_scope((q, k, v), left, right, varlen)
 
 
 # (BLOCK_N, STAGES): key rows per tile and slots in the ring, per head dim (H200, docs/perf-notes.md)
-launch_config = LaunchChoice({64: (128, 3), 128: (128, 2)})
+launch_config = LaunchChoice({64: (128, 3), 128: (128, 3)})
 override_launch = launch_config.override
 
 

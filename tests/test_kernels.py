@@ -582,4 +582,4 @@ def test_bench_repeats_table_and_variant_providers():
     _, fn = variant("ours+wsf=64,4+ws=32,4", True)
     with fn.context():
         assert (flash_fwd_hopper.launch_config(128), flash_bwd_hopper.launch_config(128)) == ((64, 4), (32, 4))
-    assert (flash_fwd_hopper.launch_config(128), flash_bwd_hopper.launch_config(128)) == ((128, 2), (64, 2))
+    assert (flash_fwd_hopper.launch_config(128), flash_bwd_hopper.launch_config(128)) == ((128, 3), (64, 2))
