@@ -15,8 +15,8 @@ at every key tile. One program owns BLOCK_M = 128 query rows of one head:
   warpgroup's exponentials run while the other's products occupy the tensor cores. Without the turns
   both tend to compute exponentials at the same time and leave the tensor cores idle.
 
-Causal masking is applied only on the tiles that cross the diagonal. Scope: kernels/hopper.py at HEAD_DIMS
-(``supported``); everything else runs the Triton forward. Tested on the GPU and compiled for sm_90a
+Causal masking is applied only on the tiles that cross the diagonal. Scope: kernels/hopper.py from MIN_SEQLEN
+on (``supported``); everything else runs the Triton forward. Tested on the GPU and compiled for sm_90a
 without one (tests/test_gluon_hopper.py, scripts/kernel_report.py).
 """
 from triton.experimental import gluon
@@ -193,13 +193,18 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_
                        [4, 1], [CONSUMER_REGS, 24])
 
 
-# head dims whose forward this kernel runs; the others run the Triton forward (tests force both)
-HEAD_DIMS = (64, 128)
+# The shortest sequence (causal or not) whose forward this kernel runs, per head dim; shorter ones run the
+# Triton forward. H200, same run (docs/bench/h200-fwd-short-2026-11-29n.json): d128 this kernel is ahead from
+# 1K on (causal 1K 345 vs 270 TFLOP/s, full 475 vs 382); d64 the Triton one is ahead at 1K-2K (causal 2K 329
+# vs 312, full 1K 380 vs 339) and level or behind from 4K on (causal 4K 363 vs 373, full 16K 409 vs 441).
+MIN_SEQLEN = {64: 4096, 128: 128}
 
 
 def supported(q, k, v, left: int, right: int, varlen: bool) -> bool:
-    """Whether this kernel runs the forward of these inputs: kernels/hopper.py's scope at HEAD_DIMS."""
-    return q.shape[-1] in HEAD_DIMS and in_scope((q, k, v), left, right, varlen)
+    """Whether this kernel runs the forward of these inputs: kernels/hopper.py's scope (its causal length rule
+    is the backward's), from MIN_SEQLEN tokens on."""
+    shortest = MIN_SEQLEN.get(q.shape[-1])
+    return shortest is not None and q.shape[1] >= shortest and in_scope((q, k, v), left, right, varlen, min_causal=0)
 
 
 # (BLOCK_N, STAGES): key rows per tile and slots in the ring, per head dim (H200, docs/perf-notes.md)

@@ -3,7 +3,7 @@ which inputs they take, and the TMA descriptors over them.
 
 Both kernels read Q, K, V (and dO) as 2-D row views (batch * seqlen, heads * head_dim), one tile a
 TMA copy. They take bf16/fp16 inputs with head dim 64 or 128, the batch layout with seqlen_q ==
-seqlen_k a multiple of 128, full attention, or causal from MIN_CAUSAL_SEQLEN on (no window), on
+seqlen_k a multiple of 128, full attention, or causal from MIN_CAUSAL_SEQLEN on (the backward; no window), on
 sm_90; everything else runs the Triton kernels.
 """
 import contextlib
@@ -17,9 +17,9 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 SEQ_MULTIPLE = 128   # both kernels tile the sequence in blocks of 128 (two warpgroups of 64 rows)
-# Causal sequences shorter than this run the Triton kernels: at 1K (1 to 8 key tiles a program) both Gluon
-# kernels were slower than the Triton ones on the H200 (d128 fwd+bwd 146-167 vs 152-172 TFLOP/s, d64 125
-# vs 149), and faster or level from 2K on (docs/perf-notes.md).
+# Causal sequences shorter than this run the Triton backward: at 1K (1 to 8 query tiles a program) the Gluon
+# dK/dV kernel was slower than the Triton one on the H200 (d128 fwd+bwd 146-167 vs 152-172 TFLOP/s, d64 125
+# vs 149), and faster or level from 2K on (docs/perf-notes.md). The forward has its own rule.
 MIN_CAUSAL_SEQLEN = 2048
 MAXNREG = 168        # kernel-wide register cap: 3 warpgroups x 128 threads x 168 fit an SM's 64K registers
 CONSUMER_REGS = gl.constexpr(240)  # each consumer warpgroup's registers per thread after setmaxnreg (the producer keeps 24)
@@ -39,12 +39,13 @@ def rows_view_ok(t: torch.Tensor) -> bool:
             and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
-def shapes_in_scope(tensors, left: int, right: int, varlen: bool) -> bool:
-    """Whether the Gluon kernels take these (q, k, v[, dout]) with this window, on any device."""
+def shapes_in_scope(tensors, left: int, right: int, varlen: bool, min_causal: int = MIN_CAUSAL_SEQLEN) -> bool:
+    """Whether the Gluon kernels take these (q, k, v[, dout]) with this window, on any device; causal inputs
+    from min_causal tokens on (the forward has its own length rule, flash_fwd_hopper.MIN_SEQLEN)."""
     q, k = tensors[0], tensors[1]
     return (not varlen and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
             and q.shape[1] == k.shape[1] and q.shape[1] % SEQ_MULTIPLE == 0
-            and left < 0 and (right == -1 or (right == 0 and q.shape[1] >= MIN_CAUSAL_SEQLEN))
+            and left < 0 and (right == -1 or (right == 0 and q.shape[1] >= min_causal))
             and all(map(rows_view_ok, tensors)))
 
 
@@ -53,11 +54,11 @@ def _is_hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
-def in_scope(tensors, left: int, right: int, varlen: bool) -> bool:
+def in_scope(tensors, left: int, right: int, varlen: bool, min_causal: int = MIN_CAUSAL_SEQLEN) -> bool:
     """shapes_in_scope, on a Hopper GPU."""
     q = tensors[0]
     return (q.is_cuda and _is_hopper(q.device.index if q.device.index is not None else torch.cuda.current_device())
-            and shapes_in_scope(tensors, left, right, varlen))
+            and shapes_in_scope(tensors, left, right, varlen, min_causal))
 
 
 @functools.lru_cache(maxsize=None)

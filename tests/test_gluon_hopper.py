@@ -64,8 +64,9 @@ def test_matches_oracle(D, causal, B, N, H, Hk, dtype, calls):
 @pytest.mark.parametrize("B,N,H,Hk,launch", [(2, 2048, 2, 2, (128, 3)), (1, 2176, 4, 2, (128, 4)),
                                              (1, 2048, 3, 1, (64, 3))], ids=["B2", "gqa", "mqa-64"])
 def test_forward_launch_variants_at_head_dim_64(causal, B, N, H, Hk, launch, calls, monkeypatch):
-    # the Gluon forward's other tile shapes and ring depths at head dim 64 (the launch variants test runs d128)
-    monkeypatch.setattr(fwd_hopper, "HEAD_DIMS", (64, 128))
+    # the Gluon forward's other tile shapes and ring depths at head dim 64 (the launch variants test runs d128),
+    # at lengths where the launcher keeps the Triton forward
+    monkeypatch.setattr(fwd_hopper, "MIN_SEQLEN", {64: 128, 128: 128})
     inputs = make_qkv(B, N, N, H, Hk, 64, torch.bfloat16, torch.device("cuda"))
     with fwd_hopper.override_launch(*launch):
         check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True),
@@ -99,7 +100,7 @@ def test_fused_dq_matches_oracle(D, causal, B, N, H, Hk, dtype, calls, monkeypat
     check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True,
                                                          deterministic=False),
                          lambda q, k, v: attention_ref(q, k, v, causal=causal), inputs)
-    assert calls == {"fwd": 1, "dkdv": 1} and fused == [True]   # dQ came from the Gluon kernel
+    assert calls == {"fwd": int(N >= fwd_hopper.MIN_SEQLEN[D]), "dkdv": 1} and fused == [True]   # dQ came from the Gluon kernel
 
 
 @needs_hopper
@@ -139,7 +140,11 @@ def test_out_of_scope_inputs_take_the_triton_kernel(calls):
                       ({}, (1, 2048, 2, 96)), ({}, (1, 1024, 2, 128))]:
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         flash_attn_func(q, k, v, causal=True, **kw).sum().backward()
-    assert calls == {"fwd": 0, "dkdv": 0}
+    assert calls == {"fwd": 1, "dkdv": 0}   # the forward's length rule takes the causal 1K one at d128
+    q, k, v = (torch.randn(1, 2048, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    flash_attn_func(q, k, v).sum().backward()   # d64 shorter than the forward's MIN_SEQLEN: only the backward
+    assert calls == {"fwd": 1, "dkdv": 1}
+    calls.update(fwd=0, dkdv=0)
     q, k, v = (torch.randn(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     with override_gluon():
@@ -170,6 +175,7 @@ def test_scope():
     assert shapes_in_scope(qkv(B=3, D=64, Hk=1, dtype=torch.float16), *causal, False)
     short = qkv(N=MIN_CAUSAL_SEQLEN - 128)
     assert shapes_in_scope(short, *full, False) and not shapes_in_scope(short, *causal, False)
+    assert shapes_in_scope(short, *causal, False, min_causal=0)                 # the forward's own length rule
     packed = torch.empty(2, 2048, 3, 4, 128, dtype=torch.bfloat16).unbind(2)   # rows strided by 3 * H * D
     assert shapes_in_scope(list(packed), *causal, False)
     assert not shapes_in_scope(qkv(N=2000), *full, False)                      # not a multiple of 128
