@@ -56,7 +56,7 @@ def test_matches_oracle(D, causal, B, N, H, Hk, dtype, calls):
     inputs = make_qkv(B, N, N, H, Hk, D, dtype, torch.device("cuda"))
     check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True),
                          lambda q, k, v: attention_ref(q, k, v, causal=causal), inputs)
-    assert calls == {"fwd": 1, "dkdv": 1}
+    assert calls == {"fwd": int(N >= fwd_hopper.MIN_SEQLEN[D]), "dkdv": 1}   # short d64 forwards run Triton's
 
 
 @needs_hopper
