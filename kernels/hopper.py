@@ -3,8 +3,9 @@ which inputs they take, and the TMA descriptors over them.
 
 Both kernels read Q, K, V (and dO) as 2-D row views (batch * seqlen, heads * head_dim), one tile a
 TMA copy. They take bf16/fp16 inputs with head dim 64 or 128, the batch layout with seqlen_q ==
-seqlen_k a multiple of 128, full attention, or causal from MIN_CAUSAL_SEQLEN on (the backward; no window), on
-sm_90; everything else runs the Triton kernels.
+seqlen_k a multiple of 128, full or causal attention (no window), on sm_90; causal inputs from
+MIN_CAUSAL_SEQLEN on in the backward (the forward has its own length rule). Everything else runs the
+Triton kernels.
 """
 import contextlib
 import functools
