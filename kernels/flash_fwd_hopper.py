@@ -69,11 +69,12 @@ def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
     """One warpgroup: output rows [m0 + HALF * 64, + 64) and their LSE.
 
     Software-pipelined by one tile: iteration j issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1}, waits
-    for S_j only, runs tile j's softmax while the PV product is still on the tensor cores, then waits for
-    it, releases tile j-1's slot and rescales O. Nothing is in flight across the loop's back-edge (ptxas
-    serializes every wgmma of a kernel where something is). The two warpgroups take turns issuing
-    ("turn" mbarriers, FA3's ping-pong), so one's products run while the other computes exponentials
-    instead of both doing the same thing at the same time."""
+    for S_j only, starts tile j's softmax, then waits for the PV product and rescales O; tile j-2's slot is
+    released at the top of iteration j. Nothing is in flight across the loop's back-edge (ptxas serializes
+    every wgmma of a kernel where something is). ptxas moves the PV wait up to about a third of the way
+    into the softmax (sm_90a SASS), so within one warpgroup the overlap is partial; the turns supply the
+    rest: the two warpgroups take turns issuing ("turn" mbarriers, FA3's ping-pong), so one's products
+    run while the other computes exponentials instead of both doing the same thing at the same time."""
     (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, turn,
      q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0) = args
     dtype: gl.constexpr = q_desc.dtype
@@ -111,8 +112,8 @@ def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
         prev = (j - 1) % STAGES
         mbarrier.wait(mine, (j & 1) ^ flip)
         # tile j-2's slot, whose PV product finished in the previous iteration. Released here rather than
-        # right after that wait: ptxas hoists an mbarrier arrive (and the wgmma wait before it) above the
-        # softmax, which would stall the softmax on the PV product
+        # right after that wait: there ptxas scheduled the arrive, with its warpgroup barrier, in the
+        # middle of the softmax
         mbarrier.arrive(empty.index((j + STAGES - 2) % STAGES), count=1, pred=j >= 2)
         mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
         s = warpgroup_mma(q_s, k_bufs.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
