@@ -71,8 +71,8 @@ def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
     Software-pipelined by one tile: iteration j issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1}, waits
     for S_j only, starts tile j's softmax, then waits for the PV product and rescales O; tile j-2's slot is
     released at the top of iteration j. Nothing is in flight across the loop's back-edge (ptxas serializes
-    every wgmma of a kernel where something is). ptxas moves the PV wait up to about a third of the way
-    into the softmax (sm_90a SASS), so within one warpgroup the overlap is partial; the turns supply the
+    every wgmma of a kernel where something is). ptxas moves the PV wait up into the row max, before
+    any exponential (sm_90a SASS), so within one warpgroup the overlap is small; the turns supply the
     rest: the two warpgroups take turns issuing ("turn" mbarriers, FA3's ping-pong), so one's products
     run while the other computes exponentials instead of both doing the same thing at the same time."""
     (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, turn,
