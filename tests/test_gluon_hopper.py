@@ -166,6 +166,24 @@ def test_fused_dq_head_dims():
         assert not bwd_hopper.fuses_dq(64)
 
 
+def test_forward_length_rule(monkeypatch):
+    # the forward's own minimum lengths per head dim (flash_fwd_hopper.MIN_SEQLEN), causal included, on top of
+    # the shared scope (stubbed here: it needs a Hopper GPU); the backward keeps MIN_CAUSAL_SEQLEN
+    seen = []
+
+    def in_scope(tensors, left, right, varlen, min_causal):
+        seen.append(min_causal)
+        return True
+    monkeypatch.setattr(fwd_hopper, "in_scope", in_scope)
+
+    def runs(n, d, right=0):
+        return fwd_hopper.supported(*[torch.empty(1, n, 2, d, dtype=torch.bfloat16)] * 3, -1, right, False)
+    assert runs(1024, 128) and runs(128, 128) and runs(1024, 128, right=-1)
+    assert not runs(2048, 64) and not runs(2048, 64, right=-1) and runs(4096, 64)
+    assert not runs(4096, 96)   # no kernel for this head dim
+    assert set(seen) == {0}
+
+
 def test_scope():
     # which inputs the Gluon kernels take (the device aside): runs anywhere
     def qkv(B=1, N=2048, H=4, Hk=4, D=128, dtype=torch.bfloat16):
