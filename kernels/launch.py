@@ -158,18 +158,12 @@ GLUON_PASSES = ("fwd", "dkdv")
 _gluon_passes: list[frozenset] = [frozenset(GLUON_PASSES)]
 
 
-@contextlib.contextmanager
 def override_gluon(*passes: str):
     """Use the Gluon kernels only for these passes ("fwd", "dkdv"); none given: the Triton kernels only."""
     unknown = set(passes) - set(GLUON_PASSES)
     if unknown:
         raise ValueError(f"override_gluon: unknown passes {sorted(unknown)}; expected some of {GLUON_PASSES}")
-    old = _gluon_passes[0]
-    _gluon_passes[0] = frozenset(passes)
-    try:
-        yield
-    finally:
-        _gluon_passes[0] = old
+    return _setting(_gluon_passes, frozenset(passes))
 
 
 def _gluon(pass_name: str) -> bool:

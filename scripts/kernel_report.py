@@ -6,7 +6,7 @@ serialized tensor-core instructions, per kernel and launch configuration.
     python scripts/kernel_report.py --passes fwd_ws dkdv_ws bwd_ws --ws 64,3  # the Gluon kernels (dK/dV tiles, ring)
 
 Each kernel is compiled for sm_90a as the launcher would launch it on the benchmark's shapes (bf16,
-H * D = 2048, row strides divisible by 16), then its PTX goes through Triton's bundled ptxas
+H * D = 2048, row strides divisible by 16), then its PTX goes through the ptxas Triton itself uses
 (`-v`) and its cubin through cuobjdump. Columns: registers per thread, spill stores / loads (bytes),
 whether ptxas serialized the kernel's wgmma instructions (warning C7515), and in the SASS the number
 of HGMMA instructions and of WARPGROUP.DEPBAR waits (one wait per HGMMA is serialized execution).
