@@ -53,7 +53,8 @@ def _producer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
     """One warp: K and V once, then every query tile's Q and dO through the slot ring."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
      q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, offs_n0, qk_scale,
-     DK, DV, stride_dkm, stride_dvm, sm_scale, dq_desc, ds_bufs, dq_stage, ds_ready, ds_free) = args
+     DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs,
+     dq_desc, ds_bufs, dq_stage, ds_ready, ds_free) = args
     mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
     for half in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [k_row0 + half * HALF_N, hk * HEAD_DIM], kv_bar,
@@ -63,14 +64,17 @@ def _producer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
     it = 0
     for g in range(GROUP):
         col = (hk * GROUP + g) * HEAD_DIM
+        lse_row = (lse_base + (hk * GROUP + g).to(gl.int64) * stride_lh).to(gl.int32) + m_lo
         for t in range(n_tiles):
             slot = it % STAGES
             mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
             bar = ready.index(slot)
-            mbarrier.expect(bar, 2 * q_desc.block_type.nbytes)
+            mbarrier.expect(bar, 2 * q_desc.block_type.nbytes + 2 * lse_desc.block_type.nbytes)
             row = q_row0 + m_lo + t * BLOCK_M
             tma.async_copy_global_to_shared(q_desc, [row, col], bar, q_bufs.index(slot))
             tma.async_copy_global_to_shared(do_desc, [row, col], bar, do_bufs.index(slot))
+            tma.async_copy_global_to_shared(lse_desc, [lse_row + t * BLOCK_M], bar, lse_bufs.index(slot))
+            tma.async_copy_global_to_shared(delta_desc, [lse_row + t * BLOCK_M], bar, delta_bufs.index(slot))
             it += 1
 
 
@@ -81,7 +85,8 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
     also dQ of every other query tile (those with tile index % 2 == HALF), reduce-added into dq_desc."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
      q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, offs_n0, qk_scale,
-     DK, DV, stride_dkm, stride_dvm, sm_scale, dq_desc, ds_bufs, dq_stage, ds_ready, ds_free) = args
+     DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs,
+     dq_desc, ds_bufs, dq_stage, ds_ready, ds_free) = args
     dtype: gl.constexpr = q_desc.dtype
     # S^T and dP^T: (64 keys, BLOCK_M queries); dK, dV: (64 keys, HEAD_DIM)
     s_layout: gl.constexpr = warpgroup_layout(BLOCK_M)
@@ -105,19 +110,18 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
     mbarrier.wait(kv_bar, 0)
     it = 0
     for g in range(GROUP):
-        lse_ptr = Lse2 + lse_base + (hk * GROUP + g).to(gl.int64) * stride_lh
-        delta_ptr = Delta + lse_base + (hk * GROUP + g).to(gl.int64) * stride_lh
         for t in range(n_tiles):
             slot = it % STAGES
             offs_m = m_lo + t * BLOCK_M + offs_c
-            lse2 = gl.load(lse_ptr + offs_m)
-            delta = gl.load(delta_ptr + offs_m)
             q_s = q_bufs.index(slot)
             do_s = do_bufs.index(slot)
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
             s_t = warpgroup_mma(k_s, q_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             dp_t = warpgroup_mma(v_s, do_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s_t = warpgroup_mma_wait(1, deps=(s_t, ))
+            # the tile's LSE and delta come with Q and dO (the producer's TMA), read when needed: held in
+            # registers across the products they cost 32 per thread, which d128 does not have to spare
+            lse2 = lse_bufs.index(slot).load(col_layout)
             p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
             # causal: every tile takes the mask. Masking only the diagonal tiles (a runtime branch) cost
             # spills at d128 and 3% there (H200, docs/perf-notes.md); a separate masked loop serializes
@@ -127,6 +131,7 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
             p_op = gl.convert_layout(p_t.to(dtype), op_layout)
             dv = warpgroup_mma(p_op, do_s, dv, is_async=True)
             dp_t = warpgroup_mma_wait(1, deps=(dp_t, ))
+            delta = delta_bufs.index(slot).load(col_layout)
             ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
             ds_op = gl.convert_layout(ds_t, op_layout)
             dk = warpgroup_mma(ds_op, q_s, dk, is_async=True)
@@ -183,7 +188,8 @@ def _store_tile(ptr, stride_row, offs_n, acc, layout: gl.constexpr, HEAD_DIM: gl
 
 
 @gluon.jit
-def _attn_bwd_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, Lse2, Delta, DK, DV, sm_scale, qk_scale, seqlen,
+def _attn_bwd_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_desc, delta_desc, Lse2, Delta, DK, DV, sm_scale,
+                     qk_scale, seqlen,
                      stride_lb, stride_lh, stride_dkm, stride_dvm,
                      NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr):
@@ -209,6 +215,8 @@ def _attn_bwd_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, Lse2, Delta, DK, 
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
     q_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
     do_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], do_desc.layout)
+    lse_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse_desc.layout)
+    delta_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -233,7 +241,7 @@ def _attn_bwd_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, Lse2, Delta, DK, 
 
     args = (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
             q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, n0, qk_scale,
-            DK, DV, stride_dkm, stride_dvm, sm_scale) + fused
+            DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs) + fused
     gl.warp_specialize([(_consumer, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ, 0)),
                         (_consumer_hi, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ)),
                         (_producer, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL))],
@@ -271,6 +279,12 @@ def dq_descriptor(dq_acc: torch.Tensor, rows: int) -> TensorDescriptor:
                             tile_layout(rows, DQ_COLS.value, gl.float32))
 
 
+def vector_descriptor(t: torch.Tensor, block: int) -> TensorDescriptor:
+    """1-D TMA descriptor over a contiguous fp32 (B, H, N) tensor (the LSE, delta), tiles of `block` rows."""
+    assert t.is_contiguous() and t.dtype == torch.float32 and t.numel() < 2**31   # int32 TMA coordinates
+    return TensorDescriptor(t, [t.numel()], [1], [block], tile_layout(block, 0, gl.float32))
+
+
 def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, dq_acc: torch.Tensor | None = None):
     """dK and dV into ``dk``, ``dv`` ((B, N, H_kv, D), contiguous); lse2 and delta (B, H, N) fp32, contiguous.
     With ``dq_acc`` (fp32 zeros like q, contiguous) also dQ / scale, accumulated there by TMA reduce-add (the
@@ -285,7 +299,8 @@ def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, dq_
     grid = (batch * nheads_k * (seqlen // BLOCK_N.value),)
     _attn_bwd_hopper[grid](
         row_descriptor(q, bm), row_descriptor(dout, bm), row_descriptor(k, HALF_N.value),
-        row_descriptor(v, HALF_N.value), None if dq_acc is None else dq_descriptor(dq_acc, bm), lse2, delta, dk, dv,
+        row_descriptor(v, HALF_N.value), None if dq_acc is None else dq_descriptor(dq_acc, bm),
+        vector_descriptor(lse2, bm), vector_descriptor(delta, bm), lse2, delta, dk, dv,
         scale, scale * 1.4426950408889634, seqlen, lse2.stride(0), lse2.stride(1), dk.stride(1), dv.stride(1),
         NUM_KV_HEADS=nheads_k, GROUP=nheads // nheads_k, HEAD_DIM=head_dim, BLOCK_M=bm, STAGES=st,
         CAUSAL=causal, FUSED_DQ=dq_acc is not None, num_warps=4, maxnreg=MAXNREG)

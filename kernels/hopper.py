@@ -64,9 +64,9 @@ def in_scope(tensors, left: int, right: int, varlen: bool, min_causal: int = MIN
 
 @functools.lru_cache(maxsize=None)
 def tile_layout(rows: int, cols: int, dtype) -> gl.NVMMASharedLayout:
-    """The shared-memory layout of a (rows, cols) TMA tile, built once (it costs more host time than the
-    descriptor itself, and every launch builds five descriptors)."""
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], dtype)
+    """The shared-memory layout of a (rows, cols) TMA tile (cols 0: a 1-D tile of rows), built once (it costs
+    more host time than the descriptor itself, and every launch builds several descriptors)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols] if cols else [rows], dtype)
 
 
 def row_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
