@@ -257,7 +257,7 @@ def supported(q, k, v, dout, left: int, right: int, varlen: bool) -> bool:
 # (deterministic=False). H200, fwd+bwd 4K-16K: d64 +12-15% over the dK/dV kernel plus the Triton dQ pass
 # (full 16K 429 vs 375 TFLOP/s, causal 404 vs 363); d128 -4-5% (full 16K 457 vs 482), where the consumer
 # warpgroups spill once they also hold a dQ tile (docs/perf-notes.md).
-FUSED_DQ_HEAD_DIMS = (64,)
+FUSED_DQ_HEAD_DIMS = (64, 128)   # WIP: d128 to be measured (it spilled on main)
 
 
 def fuses_dq(head_dim: int) -> bool:
