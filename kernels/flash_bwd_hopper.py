@@ -7,9 +7,9 @@ while the exponentials and dS are computed (ncu, docs/perf-notes.md). Triton 3.6
 neither warp roles nor mbarriers; Gluon gives both. Here one program owns a block of BLOCK_N = 128
 keys of one KV head and runs three partitions:
 
-- a producer warp streams the Q and dO tiles (BLOCK_M query rows each) through a ring of STAGES
-  shared-memory slots with TMA, one "ready" mbarrier per slot, and waits on the slot's "empty"
-  mbarrier before refilling it;
+- a producer warp streams the Q and dO tiles (BLOCK_M query rows each), with their rows of LSE and
+  delta, through a ring of STAGES shared-memory slots with TMA, one "ready" mbarrier per slot, and
+  waits on the slot's "empty" mbarrier before refilling it;
 - two consumer warpgroups each own 64 of the keys (their K and V rows stay in shared memory) and their
   dK, dV accumulators in registers. Per query tile a consumer issues S^T = K Q^T and dP^T = V dO^T
   asynchronously, computes P^T while dP^T runs, issues dV += P^T dO, computes dS^T while dV runs,
@@ -50,9 +50,9 @@ DQ_COLS = gl.constexpr(64)         # dQ columns per product and per TMA reduce (
 @gluon.jit
 def _producer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
               CAUSAL: gl.constexpr):
-    """One warp: K and V once, then every query tile's Q and dO through the slot ring."""
+    """One warp: K and V once, then every query tile's Q, dO, LSE and delta through the slot ring."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
-     q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, offs_n0, qk_scale,
+     q_row0, k_row0, hk, m_lo, n_tiles, lse_base, stride_lh, offs_n0, qk_scale,
      DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs,
      dq_desc, ds_bufs, dq_stage, ds_ready, ds_free) = args
     mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
@@ -84,7 +84,7 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
     """One warpgroup: dK and dV of keys [offs_n0 + HALF * 64, + 64), stored in fp32 registers; with FUSED_DQ
     also dQ of every other query tile (those with tile index % 2 == HALF), reduce-added into dq_desc."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
-     q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, offs_n0, qk_scale,
+     q_row0, k_row0, hk, m_lo, n_tiles, lse_base, stride_lh, offs_n0, qk_scale,
      DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs,
      dq_desc, ds_bufs, dq_stage, ds_ready, ds_free) = args
     dtype: gl.constexpr = q_desc.dtype
@@ -188,15 +188,16 @@ def _store_tile(ptr, stride_row, offs_n, acc, layout: gl.constexpr, HEAD_DIM: gl
 
 
 @gluon.jit
-def _attn_bwd_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_desc, delta_desc, Lse2, Delta, DK, DV, sm_scale,
-                     qk_scale, seqlen,
+def _attn_bwd_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_desc, delta_desc, DK, DV, sm_scale, qk_scale,
+                     seqlen,
                      stride_lb, stride_lh, stride_dkm, stride_dvm,
                      NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
                      BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr):
     """grid: (batch * NUM_KV_HEADS * seqlen / BLOCK_N,), key blocks of one head adjacent (heaviest first
     when causal). Q, dO, K, V descriptors are over (batch * seqlen, heads * HEAD_DIM) row views; DK, DV
-    are (batch, seqlen, kv heads, HEAD_DIM) with row stride stride_dkm / stride_dvm; Lse2 (the LSE times
-    log2(e), +inf where it is -inf) and Delta are (batch, heads, seqlen) fp32. FUSED_DQ: dq_desc is an fp32
+    are (batch, seqlen, kv heads, HEAD_DIM) with row stride stride_dkm / stride_dvm; lse_desc and delta_desc
+    are 1-D descriptors (tiles of BLOCK_M) over the flattened (batch, heads, seqlen) fp32 LSE times log2(e)
+    (+inf where it is -inf) and delta, strides stride_lb, stride_lh. FUSED_DQ: dq_desc is an fp32
     (batch * seqlen, heads * HEAD_DIM) accumulator of zeros (tiles BLOCK_M x DQ_COLS) that receives dS K."""
     num_n = seqlen // BLOCK_N
     pid = gl.program_id(0)
@@ -240,7 +241,7 @@ def _attn_bwd_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_desc, delta_d
     fence_async_shared()
 
     args = (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
-            q_row0, k_row0, hk, m_lo, n_tiles, Lse2, Delta, lse_base, stride_lh, n0, qk_scale,
+            q_row0, k_row0, hk, m_lo, n_tiles, lse_base, stride_lh, n0, qk_scale,
             DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs) + fused
     gl.warp_specialize([(_consumer, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ, 0)),
                         (_consumer_hi, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ)),
@@ -254,10 +255,11 @@ def supported(q, k, v, dout, left: int, right: int, varlen: bool) -> bool:
 
 
 # Head dims at which the backward takes dQ in this kernel when the caller allows a non-deterministic dQ
-# (deterministic=False). H200, fwd+bwd 4K-16K: d64 +12-15% over the dK/dV kernel plus the Triton dQ pass
-# (full 16K 429 vs 375 TFLOP/s, causal 404 vs 363); d128 -4-5% (full 16K 457 vs 482), where the consumer
-# warpgroups spill once they also hold a dQ tile (docs/perf-notes.md).
-FUSED_DQ_HEAD_DIMS = (64, 128)   # WIP: d128 to be measured (it spilled on main)
+# (deterministic=False). H200, fwd+bwd against the dK/dV kernel plus the Triton dQ pass, same run: d64 full
+# 16K 450 vs 371 TFLOP/s, causal 421 vs 367; d128 (since LSE and delta are read from shared memory, so the
+# dQ tile fits beside dK and dV) full 16K 526 vs 490, causal 16K 514 vs 478, causal 4K 439 vs 408
+# (docs/perf-notes.md, session 13).
+FUSED_DQ_HEAD_DIMS = (64, 128)
 
 
 def fuses_dq(head_dim: int) -> bool:
@@ -300,7 +302,7 @@ def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, dq_
     _attn_bwd_hopper[grid](
         row_descriptor(q, bm), row_descriptor(dout, bm), row_descriptor(k, HALF_N.value),
         row_descriptor(v, HALF_N.value), None if dq_acc is None else dq_descriptor(dq_acc, bm),
-        vector_descriptor(lse2, bm), vector_descriptor(delta, bm), lse2, delta, dk, dv,
+        vector_descriptor(lse2, bm), vector_descriptor(delta, bm), dk, dv,
         scale, scale * 1.4426950408889634, seqlen, lse2.stride(0), lse2.stride(1), dk.stride(1), dv.stride(1),
         NUM_KV_HEADS=nheads_k, GROUP=nheads // nheads_k, HEAD_DIM=head_dim, BLOCK_M=bm, STAGES=st,
         CAUSAL=causal, FUSED_DQ=dq_acc is not None, num_warps=4, maxnreg=MAXNREG)

@@ -56,24 +56,25 @@ def variant(name, causal):
     """'ours_2launch+dkdv=64,128,8,2,counted[+dq=...]' (or ours / ours_1launch): ours with these launch
     parameters, for same-run comparisons of launch-table candidates. 'ours+wsf=BLOCK_N,STAGES' and
     'ours+ws=BLOCK_M,STAGES': the Gluon forward / dK/dV kernels (kernels/flash_{fwd,bwd}_hopper.py) with
-    these parameters (either or both)."""
+    these parameters (either or both); 'ours_atomic+ws=...' the same with deterministic=False (the Gluon
+    backward with dQ fused, where it fuses it)."""
     base, *specs = name.split("+")
     usage = (f"provider {name!r}: expected ours[_1launch|_2launch]+PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted] "
-             "or ours+wsf=BLOCK_N,STAGES[+ws=BLOCK_M,STAGES]")
-    if base not in ("ours", "ours_1launch", "ours_2launch") or not specs:
+             "or ours[_atomic]+wsf=BLOCK_N,STAGES[+ws=BLOCK_M,STAGES]")
+    if base not in ("ours", "ours_atomic", "ours_1launch", "ours_2launch") or not specs:
         raise ValueError(usage)
     gluon = {}   # kernel module -> (block, stages)
     for spec in specs:
         key, _, values = spec.partition("=")
         if key in ("ws", "wsf"):
             parts = values.split(",")
-            if base != "ours" or len(parts) != 2 or not all(p.isdigit() for p in parts):
+            if base not in ("ours", "ours_atomic") or len(parts) != 2 or not all(p.isdigit() for p in parts):
                 raise ValueError(usage)
             gluon[flash_bwd_hopper if key == "ws" else flash_fwd_hopper] = tuple(map(int, parts))
-    if gluon and len(gluon) != len(specs):
+    if (gluon and len(gluon) != len(specs)) or (base == "ours_atomic" and not gluon):
         raise ValueError(usage)
     configs = {} if gluon else dict(parse_launch_spec(spec) for spec in specs)
-    one = {"ours": None, "ours_1launch": True, "ours_2launch": False}[base]
+    one = {"ours": None, "ours_atomic": None, "ours_1launch": True, "ours_2launch": False}[base]
 
     @contextlib.contextmanager
     def context():
@@ -84,7 +85,9 @@ def variant(name, causal):
             for module, launch in gluon.items():
                 stack.enter_context(module.override_launch(*launch))
             yield
-    return "bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), context)
+    deterministic = base != "ours_atomic"
+    return "bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=deterministic),
+                                 context)
 
 
 @contextlib.contextmanager

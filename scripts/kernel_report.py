@@ -118,7 +118,7 @@ def compile_gluon(pass_name: str, d: int, causal: bool):
         dq = ws.dq_descriptor(torch.empty(1, n, heads, d), block_m) if fused else None
         args = (row_descriptor(q, block_m), row_descriptor(do, block_m), row_descriptor(k, ws.HALF_N.value),
                 row_descriptor(v, ws.HALF_N.value), dq, ws.vector_descriptor(lse, block_m),
-                ws.vector_descriptor(lse, block_m), lse, lse, k, v, 0.1, 0.1, n, lse.stride(0), lse.stride(1),
+                ws.vector_descriptor(lse, block_m), k, v, 0.1, 0.1, n, lse.stride(0), lse.stride(1),
                 k.stride(1), v.stride(1))
         kwargs = dict(NUM_KV_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_M=block_m, STAGES=stages, CAUSAL=causal,
                       FUSED_DQ=fused)

@@ -159,9 +159,9 @@ def test_out_of_scope_inputs_take_the_triton_kernel(calls):
 
 
 def test_fused_dq_head_dims():
-    # which launches take dQ into the Gluon kernel (deterministic=False): head dim 64 with its 64-row tiles;
-    # not d128 (slower there), not 32-row tiles (the dQ product needs 64 rows)
-    assert bwd_hopper.fuses_dq(64) and bwd_hopper.fuses_dq(128) == (128 in bwd_hopper.FUSED_DQ_HEAD_DIMS)
+    # which launches take dQ into the Gluon kernel (deterministic=False): head dims 64 and 128 with their
+    # 64-row tiles; not 32-row tiles (the dQ product needs 64 rows)
+    assert bwd_hopper.fuses_dq(64) and bwd_hopper.fuses_dq(128)
     with bwd_hopper.override_launch(32, 4):
         assert not bwd_hopper.fuses_dq(64)
 

@@ -574,7 +574,7 @@ def test_bench_repeats_table_and_variant_providers():
         "ours_2launch+dkdv=64,128,8,2,counted"]
     assert layout == "bnhd" and callable(fn.context)
     for bad in ("ours+", "theirs+dkdv=64,128,8,2", "ours+dkdv=64,128,8", "ours_2launch+ws=64,3", "ours+ws=64",
-                "ours+ws=64,3+dkdv=64,128,8,2"):
+                "ours+ws=64,3+dkdv=64,128,8,2", "ours_atomic+dkdv=64,128,8,2"):
         with pytest.raises(ValueError, match="expected"):
             variant(bad, True)
     # the Gluon kernels' launch candidates: forced while the provider runs, restored after
@@ -583,3 +583,6 @@ def test_bench_repeats_table_and_variant_providers():
     with fn.context():
         assert (flash_fwd_hopper.launch_config(128), flash_bwd_hopper.launch_config(128)) == ((64, 4), (32, 4))
     assert (flash_fwd_hopper.launch_config(128), flash_bwd_hopper.launch_config(128)) == ((128, 3), (64, 2))
+    _, fn = variant("ours_atomic+ws=64,3", True)   # deterministic=False: the fused backward's candidates
+    with fn.context():
+        assert flash_bwd_hopper.launch_config(128) == (64, 3)
