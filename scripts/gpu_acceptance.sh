@@ -7,7 +7,7 @@
 # memory at the peak at 64K and 1M (bench_context.py --breakdown-at; ~7 minutes);
 # kernel: the compiler report, the Gluon kernels' GPU tests, then 4K/16K against the Triton kernels
 # alone, FlexAttention, cuDNN and FA2 with 3 interleaved repeats and GPU ms per kernel at 16K
-# (~6 minutes); ours_atomic is deterministic=False (the fused Gluon backward at d64).
+# (~6 minutes); ours_atomic is deterministic=False (the fused Gluon backward, d64 and d128).
 # e2e: host microseconds per forward+backward (make bench --host-overhead), then GPT-2 124M's compiled
 # training step at 8K with our kernels (deterministic_attention false / true) and SDPA cuDNN, same machine.
 set -uo pipefail
