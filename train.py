@@ -32,7 +32,7 @@ from training.logger import RunLogger
 from training.memory import apply_memory_plan
 from training.optim import build_optimizer, build_schedule
 from training.rng import rng_state, seed_all, set_rng_state
-from training.validate import ConfigError, config_error, gpt_config, validate
+from training.validate import CUDAGRAPH_MODES, ConfigError, config_error, gpt_config, validate
 
 
 def train(cfg: DictConfig) -> dict:
@@ -76,7 +76,10 @@ def train(cfg: DictConfig) -> dict:
             first = str(e).split("\n\t")[1].strip()  # torch lists each mismatch on a line of its own
             raise ConfigError("train.init_from", f"{t.init_from} does not fit this model: {first}",
                               "keep the model shape of the run that wrote it") from None
-    model = torch.compile(raw_model) if t.compile else raw_model
+    model = torch.compile(raw_model, mode=t.compile_mode) if t.compile else raw_model
+    # CUDA graphs (compile_mode reduce-overhead / max-autotune): each step starts a new generation of the
+    # graphs' outputs, so the previous step's loss and gradients are known to be dead before a replay
+    cudagraphs = t.compile and t.compile_mode in CUDAGRAPH_MODES and device.type == "cuda"
     optimizer = build_optimizer(raw_model, t, device)
     schedule = build_schedule(optimizer, t)
 
@@ -118,6 +121,8 @@ def train(cfg: DictConfig) -> dict:
             loss_sum = torch.zeros((), device=device)
             for _ in range(accum):
                 batch = to_device(next(train_loader), device)
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with amp():
                     _, loss = model(**batch)
                 (loss / accum).backward()

@@ -4,6 +4,7 @@
     make bench-context ARGS="--configs flash+plan --start 262144 --max 1048576"
     make bench-context ARGS="--model tiny --configs flash naive --start 64 --max 512 --device cpu --wandb none"
     make bench-context ARGS="--configs flash sdpa_cudnn --start 8192 --max 8192 --steps 10 --compile"
+    make bench-context ARGS="... --compile reduce-overhead"   # compiled with CUDA graphs
 
 For each configuration, context lengths double from --start until the first out-of-memory (a
 result, recorded, not a crash: the sweep goes on with the next configuration), --max, or a step
@@ -35,6 +36,7 @@ from training.device import autocast, peak_flops, resolve_device  # noqa: E402
 from training.logger import RunLogger  # noqa: E402
 from training.memory import apply_memory_plan, warm_host_memory  # noqa: E402
 from training.memory_breakdown import Breakdown, PeakBreakdown  # noqa: E402
+from training.validate import COMPILE_MODES, CUDAGRAPH_MODES  # noqa: E402
 
 GIB = 2**30
 PLAN = ("offload", 65536, 16384)  # apply_memory_plan's (activation_checkpointing, seq_chunk, loss_chunk)
@@ -102,9 +104,10 @@ class SavedForBackward(torch.autograd.graph.saved_tensors_hooks):
 
 
 def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device,
-              compile: bool = False) -> dict:
+              compile: bool | str = False) -> dict:
     """`steps` training steps at seq_len; raises torch.OutOfMemoryError when it does not fit.
-    compile: torch.compile the model (as train.compile=true); its first step compiles and is not timed."""
+    compile: torch.compile the model (as train.compile=true; a string: with that mode, as
+    train.compile_mode); its first step compiles and is not timed."""
     attention, sdpa_backend, plan = backend(name, device)
     cuda = device.type == "cuda"
     cfg = GPTConfig(seq_len=seq_len, attention=attention, sdpa_backend=sdpa_backend, doc_masking=False,
@@ -113,7 +116,9 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
     if cuda and plan[0] == "offload":   # pinned host buffers allocated outside the timed steps
         warm_host_memory(model, 1, seq_len, torch.bfloat16)
     opt = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device.type)
-    step_model = torch.compile(model) if compile else model
+    mode = "default" if compile is True else compile
+    step_model = torch.compile(model, mode=mode) if compile else model
+    cudagraphs = cuda and mode in CUDAGRAPH_MODES   # as train.py: every step a new generation of graph outputs
     kernels = contextlib.nullcontext   # entered per pass
     if name == "flash_triton":   # imported here, as the model imports the kernels: the SDPA configs need no Triton
         from kernels.launch import override_gluon
@@ -131,6 +136,8 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
         # first step only: they cost a Python call per saved tensor)
         saved = SavedForBackward(model.parameters()) if i == 0 and not cuda else contextlib.nullcontext()
         t0 = time.perf_counter()
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast("auto", device), saved, kernels():
             _, loss = step_model(x, targets=y)
         sync()
@@ -155,13 +162,16 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
                 mfu=model.flops_per_token(seq_len) * tok_s / dev_peak if dev_peak else None)
 
 
-def label(name: str, compile: bool) -> str:
-    """A row's and a wandb run's name: the configuration, +compile when torch.compile'd."""
-    return name + "+compile" if compile else name
+def label(name: str, compile: bool | str) -> str:
+    """A row's and a wandb run's name: the configuration, +compile when torch.compile'd (+MODE when
+    compiled in a mode other than the default)."""
+    if not compile:
+        return name
+    return name + ("+compile" if compile in (True, "default") else f"+{compile}")
 
 
 def point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device, breakdown: bool = False,
-          compile: bool = False) -> dict:
+          compile: bool | str = False) -> dict:
     """One row: run_point's measurements and status "ok", or only the status ("OOM", "error: ...").
     breakdown (CUDA): also what held the memory at the peak (training/memory_breakdown.py), from
     before the model is built, so parameters and AdamW state are attributed too; after an
@@ -189,13 +199,14 @@ def point(name: str, model_name: str, seq_len: int, steps: int, device: torch.de
 def sweep(configs: list[str], model_name: str, start: int, max_len: int, steps: int, long_steps: int,
           long_from: int, max_step_seconds: float, device: torch.device, out: Path, wandb: str = "none",
           project: str = WANDB_PROJECT, log=lambda row: None, max_by_config: dict | None = None,
-          breakdown_at: tuple[int, ...] = (), compile: bool = False) -> list[dict]:
+          breakdown_at: tuple[int, ...] = (), compile: bool | str = False) -> list[dict]:
     """For each configuration, double the context from `start` until the first point that is not ok,
     `max_len` (or max_by_config[config], a lower cap for slow baselines), or a step slower than
     `max_step_seconds`; at the contexts in `breakdown_at` also what holds the memory at the peak; `long_steps` steps per point from `long_from`
     tokens on, else `steps`. Returns the rows in order, each also passed to `log`. Each configuration
     logs to out/<config>/metrics.jsonl and to a wandb run (mode `wandb`, as logger.mode: best effort).
-    compile: every model torch.compile'd; rows and runs are named <config>+compile."""
+    compile: every model torch.compile'd (a string: in that mode); rows and runs are named <config>+compile
+    (<config>+MODE)."""
     # Tensors of GiBs that change size with every point fragment the caching allocator's fixed
     # segments; growable segments keep the peak close to what is allocated. Read at the first CUDA
     # allocation, so this only applies if nothing was allocated before (set it yourself otherwise).
@@ -290,8 +301,9 @@ def main():
     ap.add_argument("--max-step-seconds", type=float, default=400.0, help="stop doubling past this step time")
     ap.add_argument("--breakdown-at", type=int, nargs="*", default=[],
                     help="contexts at which to record what holds the memory at the peak (CUDA)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each model (train.compile=true); "
-                    "use --steps >= 3: the first step compiles")
+    ap.add_argument("--compile", nargs="?", const="default", default=False, choices=COMPILE_MODES,
+                    help="torch.compile each model (train.compile=true), optionally in a mode (train.compile_mode; "
+                         "reduce-overhead: CUDA graphs); use --steps >= 3: the first step compiles")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cuda or cpu")
     ap.add_argument("--wandb", default="auto", choices=("auto", "online", "offline", "none"),
                     help="auto: online when logged in, otherwise offline (runs under --out/wandb)")

@@ -185,22 +185,25 @@ def test_context_sweep_records_oom_and_goes_on(tmp_path, monkeypatch):
     assert (tmp_path / "naive" / "metrics.jsonl").read_text().count("\n") == 2  # every point, OOM too
 
 
-def test_context_sweep_compile(tmp_path, monkeypatch):
-    """--compile: each point's model goes through torch.compile (dynamo + AOT autograd here, inductor's C++
-    build is slow on CPU), its training steps run, and rows and runs are named <config>+compile."""
+@pytest.mark.parametrize("compile, mode, name", [(True, "default", "naive+compile"),
+                                                 ("reduce-overhead", "reduce-overhead", "naive+reduce-overhead")])
+def test_context_sweep_compile(tmp_path, monkeypatch, compile, mode, name):
+    """--compile [MODE]: each point's model goes through torch.compile in that mode (dynamo + AOT autograd
+    here, inductor's C++ build is slow on CPU), its training steps run, and rows and runs are named
+    <config>+compile (<config>+MODE)."""
     compiled = []
     real = torch.compile
 
-    def spy(model, **kwargs):
-        compiled.append(type(model).__name__)
+    def spy(model, mode=None, **kwargs):
+        compiled.append((type(model).__name__, mode))
         return real(model, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", spy)
     rows = experiment.bench_context.sweep(["naive"], "tiny", 64, 64, 2, 2, 1024, 60.0, torch.device("cpu"), tmp_path,
-                                          compile=True)
-    assert compiled == ["GPT"]
-    assert [(r["config"], r["status"]) for r in rows] == [("naive+compile", "ok")]
-    assert rows[0]["tokens_per_s"] > 0 and (tmp_path / "naive+compile" / "metrics.jsonl").exists()
+                                          compile=compile)
+    assert compiled == [("GPT", mode)]
+    assert [(r["config"], r["status"]) for r in rows] == [(name, "ok")]
+    assert rows[0]["tokens_per_s"] > 0 and (tmp_path / name / "metrics.jsonl").exists()
 
 
 def test_make_experiment_passes_name_smoke_and_overrides():

@@ -80,6 +80,9 @@ def test_config_error_is_one_line_without_traceback(tmp_path, override, key):
     (["train.warmup_steps=9"], "train.warmup_steps"),               # > max_steps=8
     (["train.min_lr=1"], "train.min_lr"),
     (["train.compile=maybe"], "train.compile"),
+    (["train.compile_mode=fastest"], "train.compile_mode"),
+    # CUDA graphs overwrite the gradients of earlier micro-batches
+    (["train.compile=true", "train.compile_mode=reduce-overhead", "train.grad_accum=2"], "train.compile_mode"),
     (["train.precision=fp16"], "train.precision"),
     (["train.betas=[0.9]"], "train.betas"),
     (["train.device=tpu"], "train.device"),
@@ -149,6 +152,21 @@ def test_short_run_learns_and_writes_everything(make_cfg, tmp_path, capsys):
 
 class Preempted(Exception):
     pass
+
+
+def test_compile_mode_reaches_torch_compile(make_cfg, monkeypatch):
+    # train.compile_mode is torch.compile's mode (on the CPU the graphs run through AOT autograd only: inductor's
+    # C++ build is slow here, and CUDA graphs need CUDA)
+    modes = []
+    real = torch.compile
+
+    def spy(model, mode=None, **kwargs):
+        modes.append(mode)
+        return real(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", spy)
+    summary = train_module.train(make_cfg("train.max_steps=2", "train.compile=true", "train.compile_mode=reduce-overhead"))
+    assert summary["status"] == "finished" and modes == ["reduce-overhead"]
 
 
 def test_resume_continues_exactly(make_cfg, tmp_path, monkeypatch):

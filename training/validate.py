@@ -20,12 +20,18 @@ from model import GPTConfig
 from .device import resolve_device
 from .memory import CHECKPOINT_MODES
 
+# torch.compile's modes; those that capture CUDA graphs (cudagraph trees) reuse their output memory on the
+# next replay, which corrupts gradients accumulated over micro-batches (pytorch/pytorch#169545)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 # Keys and types of the groups this package consumes. The model and data groups are checked by
 # their own packages (GPTConfig, DataConfig), so a field added there needs no edit here.
 TRAIN_SCHEMA = {
     "optimizer": str, "lr": float, "min_lr": float, "warmup_steps": int, "max_steps": int,
     "weight_decay": float, "betas": list, "grad_clip": float, "grad_accum": int, "precision": str,
-    "compile": bool, "seed": int, "device": str, "log_every": int, "eval_every": int,
+    "compile": bool, "compile_mode": str, "seed": int, "device": str, "log_every": int, "eval_every": int,
     "eval_batches": int, "eval_passkey": bool, "passkey_depths": list, "passkey_trials": int,
     "ckpt_every": int, "ckpt_dir": str, "ckpt_keep": int, "resume": str | None, "init_from": str | None,
     "sample_prompt": str, "sample_tokens": int,
@@ -35,6 +41,7 @@ LOGGER_SCHEMA = {"mode": str, "project": str, "group": str, "name": str | None, 
 CHOICES = {
     "train.optimizer": ("adamw",),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.compile_mode": COMPILE_MODES,
     "train.activation_checkpointing": CHECKPOINT_MODES,
     "logger.mode": ("auto", "online", "offline", "none"),
 }
@@ -149,6 +156,10 @@ def _check_train(train: DictConfig) -> None:
          f"{depths} must be a non-empty list of numbers in [0, 1]", "set train.passkey_depths=[0,0.5,1]")
     for key in ("seq_chunk", "loss_chunk"):
         need(train[key] >= 0, key, f"{train[key]} must be >= 0 (0 = no tiling)", f"set train.{key}=16384 or 0")
+    need(not (train.compile and train.compile_mode in CUDAGRAPH_MODES and train.grad_accum > 1), "compile_mode",
+         f"{train.compile_mode} captures CUDA graphs, whose replays overwrite the gradients of earlier micro-batches "
+         f"(train.grad_accum={train.grad_accum})", "use train.compile_mode=default, or train.grad_accum=1 with a "
+         "larger data.batch_size")
     need(train.sample_tokens >= 0, "sample_tokens", f"{train.sample_tokens} must be >= 0", "0 skips the sample")
 
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", train.device) is not None, "device",
