@@ -63,6 +63,9 @@ class RotaryEmbedding:
             return 1.0
         return 0.1 * math.log(self.scaling_factor) + 1.0
 
+    # Built outside torch.compile's graph: a table the graph created and left on this object would be a graph
+    # output, whose memory CUDA graphs (compile_mode=reduce-overhead) hand to the next replay.
+    @torch.compiler.disable
     def _build(self, n: int, device: torch.device) -> None:
         positions = torch.arange(n, dtype=torch.float64, device=device)
         angles = torch.outer(positions, self.inv_freq(device))       # (n, D/2)
