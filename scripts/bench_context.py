@@ -129,7 +129,7 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
     times = []
     for i in range(steps):
         sync()
-        if cuda:
+        if cuda and (i == 0 or not cudagraphs):   # replayed graphs allocate nothing: their peak is the recording's
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         # on the CPU, where allocated memory cannot be read, hooks count what autograd saves (in the
