@@ -101,7 +101,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     -inf (and out 0) for rows that see no key. The LSE is differentiable too.
     ``deterministic=False`` lets the backward sum dQ in fp32 inside the dK/dV pass (five matrix products
     per tile instead of seven; bit-for-bit results may vary between runs) where that is faster: on
-    Hopper, in the Gluon kernel at head dim 64 (kernels/launch.py says where); elsewhere the
+    Hopper, in the Gluon kernel at head dims 64 and 128 (kernels/launch.py says where); elsewhere the
     deterministic backward runs anyway. flash-attn's default is False, ours True. The CPU reference
     path ignores it.
     """
