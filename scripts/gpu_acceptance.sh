@@ -9,7 +9,8 @@
 # alone, FlexAttention, cuDNN and FA2 with 3 interleaved repeats and GPU ms per kernel at 16K
 # (~6 minutes); ours_atomic is deterministic=False (the fused Gluon backward, d64 and d128).
 # e2e: host microseconds per forward+backward (make bench --host-overhead), then GPT-2 124M's compiled
-# training step at 8K with our kernels (deterministic_attention false / true) and SDPA cuDNN, same machine.
+# training step at 8K with our kernels (deterministic_attention false / true) and SDPA cuDNN, same machine,
+# then ours and cuDNN compiled with CUDA graphs (--compile reduce-overhead).
 set -uo pipefail
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -46,7 +47,13 @@ for s in "${steps[@]}"; do
       $PY scripts/bench_attention.py --host-overhead --dims 64 --causal 0 1 --seqlens 256 8192 --tokens 8192 \
         --model-dim 768 --providers ours ours_atomic ours_triton sdpa_cudnn --out "$OUT/host" 2>&1 | tail -8
       $PY scripts/bench_context.py --configs flash flash_det sdpa_cudnn --start 8192 --max 8192 --steps 10 \
-        --compile --wandb none --out "$OUT/e2e" 2>&1 | grep -v '^{"config"' | tail -8 ;;
+        --compile --wandb none --out "$OUT/e2e" 2>&1 | grep -v '^{"config"' | tail -8
+      # with CUDA graphs, one process per configuration (once one configuration failed, the next ones in its
+      # process failed too: docs/bench/h200-e2e-cudagraphs-2026-11-30f.txt)
+      for c in flash sdpa_cudnn; do
+        $PY scripts/bench_context.py --configs $c --start 8192 --max 8192 --steps 10 --compile reduce-overhead \
+          --wandb none --out "$OUT/e2e_graphs_$c" 2>&1 | grep -v '^{"config"' | tail -3
+      done ;;
     *) echo "unknown step $s (tests | bench | train | memory | kernel | e2e)"; exit 2 ;;
   esac
 done
