@@ -147,6 +147,23 @@ def test_learned_vs_rope_positions():
     assert rope(long)[0].shape == (1, 48, VOCAB)                 # RoPE runs past the training context
 
 
+def test_rope_table_is_built_outside_compiled_graphs():
+    # the cos/sin table is module state: built inside a compiled graph it would be one of the graph's outputs,
+    # whose memory CUDA graphs (train.compile_mode=reduce-overhead) reuse on the next replay
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = make_model(pos="rope", seq_len=32)
+    compiled = torch.compile(model, backend=record)
+    compiled(torch.randint(0, VOCAB, (1, 16)))
+    targets = {node.target for gm in graphs for node in gm.graph.nodes}
+    assert graphs and model.rope.cos is not None and torch.outer not in targets
+
+
 def test_rope_relative_and_scaling():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 32), torch.randn(1, 1, 1, 32)
