@@ -138,8 +138,11 @@ def train(cfg: DictConfig) -> dict:
             last = step == t.max_steps
 
             if step % t.log_every == 0 or last:
-                elapsed = time.perf_counter() - interval_start  # .item() below waits for the GPU
-                metrics = {"loss": loss_sum.item() / accum, "lr": lr, "grad_norm": grad_norm.item(),
+                # .item() waits for the device to finish the interval's steps; only then is the clock read (the
+                # host runs ahead of the device, far ahead with CUDA graphs)
+                loss_value, grad_norm_value = loss_sum.item() / accum, grad_norm.item()
+                elapsed = time.perf_counter() - interval_start
+                metrics = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
                            "tokens_per_s": tokens_per_step * (step - interval_step) / elapsed,
                            "peak_mem_gib": peak_memory_gib(device), "seq_len": T}
                 if device_flops is not None:

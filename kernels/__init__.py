@@ -2,7 +2,8 @@
 
 Read in this order: ``reference.py`` (PyTorch oracle and CPU path) -> ``mask.py`` (who sees whom)
 -> ``flash_fwd.py`` / ``flash_bwd.py`` (Triton kernels) -> ``launch.py`` (launch parameters, grids)
--> ``flash_attn.py`` (autograd Function, public functions).
+-> ``flash_attn.py`` (autograd Function, public functions). ``rope.py``: RoPE applied to the fused QKV
+projection, one Triton kernel each way (the model's CUDA path; ``model/rope.py`` is its reference).
 """
 from .flash_attn import flash_attn_backward, flash_attn_func, flash_attn_varlen_func
 

@@ -205,8 +205,14 @@ class CausalSelfAttention(nn.Module):
     def project(self, x, rope=None):
         """Token-wise part: x (B, T, d_model) -> q (B, T, n_head, hd), k, v (B, T, n_kv_head, hd), RoPE applied."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
-                                     self.n_kv_head * self.head_dim], dim=-1)
+        qkv = self.qkv(x)
+        if rope is not None and qkv.is_cuda and qkv.dtype != torch.float64:
+            # the split and both rotations in one Triton kernel each way (kernels/rope.py; apply_rope is its
+            # oracle and the CPU path); the kernel computes in fp32
+            from kernels.rope import rope_qkv
+            return rope_qkv(qkv, *rope, self.n_head, self.n_kv_head)
+        q, k, v = qkv.split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                             self.n_kv_head * self.head_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)

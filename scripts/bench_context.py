@@ -9,7 +9,8 @@
 For each configuration, context lengths double from --start until the first out-of-memory (a
 result, recorded, not a crash: the sweep goes on with the next configuration), --max, or a step
 slower than --max-step-seconds. Each point runs full training steps (forward, backward, AdamW) on
-batch 1 of random tokens (bf16 autocast on CUDA, fp32 on CPU) and records the step time, tokens/s,
+batch 1 of random tokens (bf16 autocast on CUDA, fp32 on CPU) and records the step time (steps after
+the first run back to back, as in training; the median gap between consecutive steps' ends), tokens/s,
 MFU (where the device's peak FLOP/s is known) and memory: parameters (+ RoPE table), AdamW state,
 what the forward pass keeps for backward, and the peak (CUDA only). Writes context.json /
 context.csv / context_{memory,speed}.png to --out. Each configuration is a wandb run, the sweep's
@@ -103,6 +104,20 @@ class SavedForBackward(torch.autograd.graph.saved_tensors_hooks):
         return sum(self.storages.values())
 
 
+def clock(cuda: bool):
+    """A point in time: a CUDA event recorded on the current stream, or the host clock (CPU work is synchronous)."""
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds(a, b) -> float:
+    """Seconds from clock() a to clock() b (events: after the device has passed both)."""
+    return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
+
+
 def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device,
               compile: bool | str = False) -> dict:
     """`steps` training steps at seq_len; raises torch.OutOfMemoryError when it does not fit.
@@ -126,29 +141,36 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
     x = torch.randint(0, cfg.vocab_size, (1, seq_len), device=device)
     y = torch.randint(0, cfg.vocab_size, (1, seq_len), device=device)
     sync = torch.cuda.synchronize if cuda else lambda: None
-    times = []
+    # Steps after the first run back to back, as in train.py (which waits for the device only to log): a
+    # step's time is the gap between its end and the previous step's end, on the device's clock (CUDA events).
+    # The first step (compilation, allocations, autotuning) is synchronized on both sides and not timed.
+    ends = []
     for i in range(steps):
-        sync()
+        if i == 0:
+            sync()
         if cuda and (i == 0 or not cudagraphs):   # replayed graphs allocate nothing: their peak is the recording's
             torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+            before = torch.cuda.memory_allocated()   # the allocator's count is kept on the host: no sync needed
         # on the CPU, where allocated memory cannot be read, hooks count what autograd saves (in the
         # first step only: they cost a Python call per saved tensor)
         saved = SavedForBackward(model.parameters()) if i == 0 and not cuda else contextlib.nullcontext()
-        t0 = time.perf_counter()
+        if i == 0:
+            start = clock(cuda)
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast("auto", device), saved, kernels():
             _, loss = step_model(x, targets=y)
-        sync()
         if i == 0:
             kept = torch.cuda.memory_allocated() - before if cuda else saved.nbytes
         with kernels():
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync()
-        times.append(time.perf_counter() - t0)
+        if i == 0:
+            sync()
+        ends.append(clock(cuda))
+    sync()
+    times = [seconds(a, b) for a, b in zip([start, *ends], ends)]
     step_s = statistics.median(times[1:] or times)  # the first step (allocations, autotuning) is not timed
     tok_s = seq_len / step_s
     dev_peak = peak_flops(device)
