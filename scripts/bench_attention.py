@@ -324,8 +324,9 @@ def main():
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
     ap.add_argument("--providers", nargs="+",
                     default=["ours", "ours_atomic", "sdpa_flash", "sdpa_cudnn", "flex", "standard"])
-    ap.add_argument("--flex-seqlens", type=int, nargs="+", default=[4096, 16384],
-                    help="FlexAttention compiles per shape: only these lengths (all: --flex-seqlens 0)")
+    ap.add_argument("--flex-seqlens", type=int, nargs="+", default=[0],
+                    help="FlexAttention compiles per shape and mode (seconds each): only these lengths (default 0: every "
+                         "length; e.g. --flex-seqlens 4096 16384 for a quicker grid)")
     ap.add_argument("--sweep", action="store_true", help="search launch parameters per pass first")
     ap.add_argument("--sweep-seqlen", type=int, default=8192)
     ap.add_argument("--sweep-passes", nargs="+", choices=list(SWEEP), default=list(SWEEP),
