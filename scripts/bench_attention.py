@@ -13,11 +13,14 @@ this same process on the same inputs. Results go to --out as JSON and CSV, with 
 """
 import argparse
 import contextlib
+import cProfile
 import csv
+import io
 import json
 import math
 import os
 import platform
+import pstats
 import statistics
 import sys
 import time
@@ -223,6 +226,28 @@ def host_time(fn, layout, B, N, H, D, steps=200):
     return host / steps * 1e6, wall / steps * 1e6
 
 
+def host_profile(fn, layout, B, N, H, D, steps=50, top=40) -> str:
+    """Where the host's time per forward+backward step goes: cProfile over `steps` steps issued back to back
+    (after warm-up), the `top` functions by own time, as pstats prints them. cProfile slows the Python it
+    counts: read the shares, not the microseconds. The backward runs on the calling thread here (CUDA
+    backward otherwise runs on autograd's device thread, which the profiler would not see)."""
+    step, inputs = _setup(fn, layout, B, N, H, D, "fwd_bwd")
+    profiler = cProfile.Profile()
+    with getattr(fn, "context", contextlib.nullcontext)(), torch.autograd.set_multithreading_enabled(False):
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+        profiler.enable()
+        for _ in range(steps):
+            step()
+        profiler.disable()
+        torch.cuda.synchronize()
+    del inputs, step
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def kernel_times(events, steps):
     """{kernel label: ms per step} from profiler events (see profile_one)."""
     kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
@@ -341,6 +366,9 @@ def main():
     ap.add_argument("--host-overhead", action="store_true",
                     help="instead of the grid: CPU time to issue one forward+backward per provider at --seqlens "
                          "(e.g. --seqlens 256 8192), against the time until the GPU finished it")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="with --host-overhead: also a cProfile of each provider's host time per point, written "
+                         "to --out/host_profile_<provider>_d<D>_<causal|full>_<N>.txt")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -439,6 +467,10 @@ def host_overhead(args, env, out_dir, log):
                     host, wall = host_time(fn, layout, B, N, H, D)
                     rows.append(dict(D=D, causal=causal, N=N, B=B, H=H, provider=name, host_us=host, wall_us=wall))
                     cells.append(f"{host:.0f} / {wall:.0f}")
+                    if args.host_profile:
+                        path = out_dir / f"host_profile_{name}_d{D}_{'causal' if causal else 'full'}_{N}.txt"
+                        path.write_text(host_profile(fn, layout, B, N, H, D))
+                        log(f"host profile of {name}: {path}")
                     torch.cuda.empty_cache()
                 log(f"| {D} | {int(causal)} | {N} | {B} | {H} | " + " | ".join(cells) + " |")
     (out_dir / "host_overhead.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))

@@ -560,6 +560,34 @@ def test_bench_kernel_times_labels_repeated_launches():
                                    "_attn_bwd#0": 0.006, "_attn_bwd#1": 0.004})
 
 
+def test_bench_host_profile_sees_a_custom_backward(monkeypatch):
+    # make bench ARGS="--host-overhead --host-profile": the profile covers the forward and the backward of an
+    # autograd.Function (the backward is run on the profiled thread), sorted by own time
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_attention
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q):
+            return q * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    def setup(fn, layout, B, N, H, D, mode):
+        q = torch.randn(B, N, H, D, requires_grad=True)
+        return (lambda: fn(q, q, q).sum().backward()), (q,)
+
+    monkeypatch.setattr(bench_attention, "_setup", setup)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    text = bench_attention.host_profile(lambda q, k, v: Twice.apply(q), "bnhd", 1, 8, 1, 4, steps=7)
+    assert "Ordered by: internal time" in text
+    own = [line for line in text.splitlines() if "test_kernels.py" in line]
+    assert any(line.split()[0] == "7" and "(backward)" in line for line in own), text
+    assert any(line.split()[0] == "7" and "(forward)" in line for line in own), text
+
+
 def test_bench_repeats_table_and_variant_providers():
     # make bench ARGS="--repeats 3": the table is the median and +- half the spread per provider and
     # point; "ours_2launch+dkdv=..." providers time launch-table candidates in the same run
