@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRET
+from .launch import INTERPRET, _contig_last
 
 
 @triton.jit
@@ -82,10 +82,6 @@ def _launch(packed, q, k, v, cos, sin, n_head, n_kv_head, backward):
         BACKWARD=backward, num_warps=4)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 torch.library.define("longctx::rope_qkv_fwd",
                      "(Tensor qkv, Tensor cos, Tensor sin, int n_head, int n_kv_head) -> (Tensor, Tensor, Tensor)")
 torch.library.define("longctx::rope_qkv_bwd", "(Tensor dq, Tensor dk, Tensor dv, Tensor cos, Tensor sin) -> Tensor")
@@ -101,7 +97,7 @@ def _split_shapes(qkv, n_head, n_kv_head):
 def _rope_fwd_impl(qkv, cos, sin, n_head, n_kv_head):
     q_shape, kv_shape = _split_shapes(qkv, n_head, n_kv_head)
     q, k, v = qkv.new_empty(q_shape), qkv.new_empty(kv_shape), qkv.new_empty(kv_shape)
-    _launch(_last_dim_contiguous(qkv), q, k, v, cos, sin, n_head, n_kv_head, backward=False)
+    _launch(_contig_last(qkv), q, k, v, cos, sin, n_head, n_kv_head, backward=False)
     return q, k, v
 
 
@@ -111,19 +107,23 @@ def _(qkv, cos, sin, n_head, n_kv_head):
     return qkv.new_empty(q_shape), qkv.new_empty(kv_shape), qkv.new_empty(kv_shape)
 
 
+def _packed_like(dq, dk):
+    """An empty (B, T, (H + 2 Hk) * D) gradient of the packed projection."""
+    B, T, H, D = dq.shape
+    return dq.new_empty((B, T, (H + 2 * dk.shape[2]) * D))
+
+
 @torch.library.impl("longctx::rope_qkv_bwd", "CompositeExplicitAutograd")
 def _rope_bwd_impl(dq, dk, dv, cos, sin):
-    B, T, H, D = dq.shape
-    dqkv = dq.new_empty((B, T, (H + 2 * dk.shape[2]) * D))
-    dq, dk, dv = (_last_dim_contiguous(t) for t in (dq, dk, dv))
-    _launch(dqkv, dq, dk, dv, cos, sin, H, dk.shape[2], backward=True)
+    dqkv = _packed_like(dq, dk)
+    dq, dk, dv = (_contig_last(t) for t in (dq, dk, dv))
+    _launch(dqkv, dq, dk, dv, cos, sin, dq.shape[2], dk.shape[2], backward=True)
     return dqkv
 
 
 @torch.library.register_fake("longctx::rope_qkv_bwd")
 def _(dq, dk, dv, cos, sin):
-    B, T, H, D = dq.shape
-    return dq.new_empty((B, T, (H + 2 * dk.shape[2]) * D))
+    return _packed_like(dq, dk)
 
 
 _rope_fwd_op = torch.ops.longctx.rope_qkv_fwd.default
