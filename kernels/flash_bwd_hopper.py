@@ -39,8 +39,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .hopper import (CONSUMER_REGS, HAS_TMA_REDUCE, MAXNREG, LaunchChoice, in_scope, row_descriptor, tile_layout,
-                     tma_reduce_add, warpgroup_layout)
+from .dispatch import Cached
+from .hopper import (CONSUMER_REGS, HAS_TMA_REDUCE, MAXNREG, LaunchChoice, descriptor, in_scope, row_descriptor,
+                     tile_layout, tma_reduce_add, warpgroup_layout)
 
 BLOCK_N = gl.constexpr(128)        # keys per program, 64 per consumer warpgroup
 HALF_N = gl.constexpr(64)
@@ -277,30 +278,34 @@ override_launch = launch_config.override
 def dq_descriptor(dq_acc: torch.Tensor, rows: int) -> TensorDescriptor:
     """TMA descriptor over the fp32 dQ accumulator (B, N, H, D) as (B * N, H * D), tiles rows x DQ_COLS."""
     b, n, h, d = dq_acc.shape
-    return TensorDescriptor(dq_acc, [b * n, h * d], [dq_acc.stride(1), 1], [rows, DQ_COLS.value],
-                            tile_layout(rows, DQ_COLS.value, gl.float32))
+    return descriptor(dq_acc, [b * n, h * d], [dq_acc.stride(1), 1], [rows, DQ_COLS.value],
+                      tile_layout(rows, DQ_COLS.value, gl.float32))
 
 
 def vector_descriptor(t: torch.Tensor, block: int) -> TensorDescriptor:
     """1-D TMA descriptor over a contiguous fp32 (B, H, N) tensor (the LSE, delta), tiles of `block` rows."""
     assert t.is_contiguous() and t.dtype == torch.float32 and t.numel() < 2**31   # int32 TMA coordinates
-    return TensorDescriptor(t, [t.numel()], [1], [block], tile_layout(block, 0, gl.float32))
+    return descriptor(t, [t.numel()], [1], [block], tile_layout(block, 0, gl.float32))
 
 
-def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, dq_acc: torch.Tensor | None = None):
+_launch = Cached(_attn_bwd_hopper)
+
+
+def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, key, dq_acc: torch.Tensor | None = None):
     """dK and dV into ``dk``, ``dv`` ((B, N, H_kv, D), contiguous); lse2 and delta (B, H, N) fp32, contiguous.
     With ``dq_acc`` (fp32 zeros like q, contiguous) also dQ / scale, accumulated there by TMA reduce-add (the
     order of the additions varies from run to run); without it the dQ pass is the caller's.
 
     lse2 is the LSE in base 2 (times log2(e)), +inf for rows that saw no key (their P is then exactly 0, not
     NaN); the backward's preprocess kernel writes it with delta (WRITE_LSE2), so the loop, which bounds the
-    d64 kernel by its elementwise work, neither selects nor scales (docs/perf-notes.md)."""
+    d64 kernel by its elementwise work, neither selects nor scales (docs/perf-notes.md). ``key``: the launch's
+    kernels/dispatch.py key over these tensors and dq_acc (kernels/launch.py's ``signature``)."""
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     bm, st = launch_config(head_dim)
     grid = (batch * nheads_k * (seqlen // BLOCK_N.value),)
-    _attn_bwd_hopper[grid](
-        row_descriptor(q, bm), row_descriptor(dout, bm), row_descriptor(k, HALF_N.value),
+    _launch(
+        key, grid, row_descriptor(q, bm), row_descriptor(dout, bm), row_descriptor(k, HALF_N.value),
         row_descriptor(v, HALF_N.value), None if dq_acc is None else dq_descriptor(dq_acc, bm),
         vector_descriptor(lse2, bm), vector_descriptor(delta, bm), dk, dv,
         scale, scale * 1.4426950408889634, seqlen, lse2.stride(0), lse2.stride(1), dk.stride(1), dv.stride(1),

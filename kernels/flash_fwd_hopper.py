@@ -24,6 +24,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from .dispatch import Cached
 from .hopper import CONSUMER_REGS, MAXNREG, LaunchChoice, in_scope, row_descriptor, warpgroup_layout
 
 BLOCK_M = gl.constexpr(128)   # query rows per program, 64 per consumer warpgroup
@@ -213,13 +214,17 @@ launch_config = LaunchChoice({64: (128, 3), 128: (128, 3)})
 override_launch = launch_config.override
 
 
-def attn_fwd(q, k, v, out, lse, scale: float, causal: bool):
-    """Output into ``out`` ((B, N, H, D), contiguous) and the natural-log LSE into ``lse`` ((B, H, N) fp32)."""
+_launch = Cached(_attn_fwd_hopper)
+
+
+def attn_fwd(q, k, v, out, lse, scale: float, causal: bool, key):
+    """Output into ``out`` ((B, N, H, D), contiguous) and the natural-log LSE into ``lse`` ((B, H, N) fp32).
+    ``key``: the launch's kernels/dispatch.py key over these tensors (kernels/launch.py's ``signature``)."""
     batch, seqlen, nheads, head_dim = q.shape
     block_n, stages = launch_config(head_dim)
     grid = (batch * nheads * (seqlen // BLOCK_M.value),)
-    _attn_fwd_hopper[grid](
-        row_descriptor(q, HALF_M.value), row_descriptor(k, block_n), row_descriptor(v, block_n), out, lse,
+    _launch(
+        key, grid, row_descriptor(q, HALF_M.value), row_descriptor(k, block_n), row_descriptor(v, block_n), out, lse,
         scale * 1.4426950408889634, seqlen, out.stride(1), lse.stride(0), lse.stride(1),
         NUM_HEADS=nheads, GROUP=nheads // k.shape[2], HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages,
         CAUSAL=causal, num_warps=4, maxnreg=MAXNREG)

@@ -18,10 +18,11 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 SEQ_MULTIPLE = 128   # both kernels tile the sequence in blocks of 128 (two warpgroups of 64 rows)
-# Causal sequences shorter than this run the Triton backward: at 1K (1 to 8 query tiles a program) the Gluon
-# dK/dV kernel was slower than the Triton one on the H200 (d128 fwd+bwd 146-167 vs 152-172 TFLOP/s, d64 125
-# vs 149), and faster or level from 2K on (docs/perf-notes.md). The forward has its own rule.
-MIN_CAUSAL_SEQLEN = 2048
+# Causal sequences shorter than this run the Triton backward. The first versions of the Gluon dK/dV kernel were
+# slower than the Triton one at 1K; today's is faster there too (H200, causal 1K, B 16, GPU time per fwd+bwd
+# from the profiler: d128 0.844 vs 0.951 ms, d64 1.079 vs 1.171 ms; docs/perf-notes.md, session 15). Shorter
+# lengths were not measured. The forward has its own rule.
+MIN_CAUSAL_SEQLEN = 1024
 MAXNREG = 168        # kernel-wide register cap: 3 warpgroups x 128 threads x 168 fit an SM's 64K registers
 CONSUMER_REGS = gl.constexpr(240)  # each consumer warpgroup's registers per thread after setmaxnreg (the producer keeps 24)
 
@@ -36,8 +37,9 @@ def rows_view_ok(t: torch.Tensor) -> bool:
     """(B, N, H, D) addressable as a (B * N, H * D) row view: contiguous heads, rows of whole batches,
     16-byte aligned rows (TMA)."""
     b, n, h, d = t.shape
-    return (t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == n * t.stride(1))
-            and (t.stride(1) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+    s_b, s_n, s_h, s_d = t.stride()
+    return (s_d == 1 and s_h == d and (b == 1 or s_b == n * s_n) and (s_n * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0)
 
 
 def shapes_in_scope(tensors, left: int, right: int, varlen: bool, min_causal: int = MIN_CAUSAL_SEQLEN) -> bool:
@@ -69,11 +71,23 @@ def tile_layout(rows: int, cols: int, dtype) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for([rows, cols] if cols else [rows], dtype)
 
 
+def descriptor(base: torch.Tensor, shape: list, strides: list, block_shape: list, layout) -> TensorDescriptor:
+    """``TensorDescriptor(base, shape, strides, block_shape, layout)`` without the constructor's checks, which
+    cost ~3 us of host time each (the backward's launch takes seven descriptors). What they check holds by
+    construction for every descriptor built here: ``in_scope`` admits only 16-byte aligned bases and row
+    strides, the other tensors are fresh contiguous allocations, block shapes are the kernels' powers of two
+    and the last stride is 1 (tests/test_gluon_hopper.py compares the two constructors)."""
+    desc = TensorDescriptor.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides, desc.block_shape, desc.layout, desc.padding = (
+        base, shape, strides, block_shape, layout, "zero")
+    return desc
+
+
 def row_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """TMA descriptor over (B * N, H * D) reading tiles of `rows` rows by one head's D columns."""
     b, n, h, d = t.shape
     dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    return TensorDescriptor(t, [b * n, h * d], [t.stride(1), 1], [rows, d], tile_layout(rows, d, dtype))
+    return descriptor(t, [b * n, h * d], [t.stride(1), 1], [rows, d], tile_layout(rows, d, dtype))
 
 
 class LaunchChoice:

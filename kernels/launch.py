@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .dispatch import Cached
 from .flash_bwd import _attn_bwd, _attn_bwd_preprocess
 from .flash_fwd import _attn_fwd
 
@@ -31,6 +32,17 @@ if tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit()) >= (3
 # Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at import: record it once.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
+
+# The launches below go through kernels/dispatch.py's cache, keyed by `signature` of the caller's tensors plus
+# the ints the other arguments derive from (Cached adds the constexprs). The tensors allocated here are
+# contiguous, 16-byte aligned and shaped by the caller's, so they add nothing to the key.
+_FWD, _BWD, _BWD_PRE = Cached(_attn_fwd), Cached(_attn_bwd), Cached(_attn_bwd_preprocess)
+
+
+def signature(*tensors):
+    """What a launch's specialization can depend on in these tensors (None allowed): shape, strides, dtype and
+    16-byte alignment. With the launch's int arguments' sources it is a kernels/dispatch.py key."""
+    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -140,11 +152,20 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _major(device: torch.device) -> int:
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
 def use_one_launch(dkdv: KernelConfig, dq: KernelConfig, programs: int, dtype: torch.dtype,
                    device: torch.device) -> bool:
     if _one_launch_override[0] is not None:
         return _one_launch_override[0]
-    if (device.type != "cuda" or dtype == torch.float32 or torch.cuda.get_device_capability(device)[0] < 9
+    if (device.type != "cuda" or dtype == torch.float32 or _major(device) < 9
             or (dkdv.num_warps, dkdv.num_stages) != (dq.num_warps, dq.num_stages)):
         return False
     return programs <= ONE_LAUNCH_MAX_WAVES * _num_sms(device.index if device.index is not None
@@ -193,7 +214,7 @@ def get_config(pass_name: str, head_dim_pad: int, dtype: torch.dtype, device: to
         cfg = _FP32[pass_name]
         return cfg if head_dim_pad <= 128 else KernelConfig(32, 32, 4, 1)
     d = max(64, head_dim_pad)
-    if torch.cuda.get_device_capability(device)[0] < 9:
+    if _major(device) < 9:
         return _GENERIC[pass_name][d]
     return hopper_config(pass_name, d, causal)
 
@@ -209,7 +230,8 @@ def _head_dim_pad(head_dim: int) -> int:
 
 def _seq_strides(t: torch.Tensor, varlen: bool):
     """(batch, row, head) strides; varlen tensors have no batch axis (stride 0)."""
-    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+    s = t.stride()
+    return (0, s[0], s[1]) if varlen else s[:3]
 
 
 def _precision(dtype):
@@ -228,7 +250,8 @@ def _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
 
 def _lse_strides(lse, varlen):
     # batch: (B, H, Nq); varlen: (H, total_q)
-    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+    s = lse.stride()
+    return (0, s[0]) if varlen else s[:2]
 
 
 def _contig_last(t):
@@ -248,16 +271,17 @@ def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
     else:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
+    key = (signature(q, k, v, cu_seqlens_q, cu_seqlens_k), left, right, seqlen_q, seqlen_k)
     if _gluon("fwd") and flash_fwd_hopper.supported(q, k, v, left, right, varlen):
-        flash_fwd_hopper.attn_fwd(q, k, v, out, lse, scale, causal=right == 0)
+        flash_fwd_hopper.attn_fwd(q, k, v, out, lse, scale, causal=right == 0, key=key)
         return out, lse
     cfg = get_config("fwd", d_pad, q.dtype, q.device, right >= 0)
     num_m = triton.cdiv(seqlen_q, cfg.BLOCK_M)
     grid = (num_m * batch * nheads,)
     if grid[0] == 0:
         return out, lse
-    _attn_fwd[grid](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+    _FWD(
+        key, grid, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         scale * LOG2E, seqlen_q, seqlen_k, left, right, num_m,
         *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
         *_seq_strides(out, varlen), *_lse_strides(lse, varlen),
@@ -299,12 +323,14 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     if dlse is not None:
         dlse = dlse.contiguous()
 
+    key = (signature(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k), left, right, seqlen_q, seqlen_k,
+           deterministic)
     rows = q.shape[0] if varlen else seqlen_q
     pre_block = 64 if q.device.type == "cuda" else 32
     pre_grid = (triton.cdiv(rows, pre_block), (1 if varlen else batch) * nheads)
     if pre_grid[0] * pre_grid[1] > 0:
-        _attn_bwd_preprocess[pre_grid](
-            out, dout, dlse, delta, lse, lse2, dq, rows,
+        _BWD_PRE(
+            key, pre_grid, out, dout, dlse, delta, lse, lse2, dq, rows,
             *_seq_strides(out, varlen), *_seq_strides(dout, varlen), *_seq_strides(dq, varlen), *lse_strides,
             NUM_HEADS=nheads, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M=pre_block,
             HAS_DLSE=dlse is not None, WRITE_LSE2=lse2 is not None, ZERO_DQ=fused)
@@ -317,8 +343,8 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
 
     def launch(programs, grid, launch_cfg):
         if grid > 0:
-            _attn_bwd[(grid,)](
-                q, k, v, dout, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k,
+            _BWD(
+                key, (grid,), q, k, v, dout, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k,
                 scale, scale * LOG2E, seqlen_q, seqlen_k, left, right, num_n, num_m, n_dkdv,
                 *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
                 *_seq_strides(dout, varlen), *_seq_strides(dk, varlen), *_seq_strides(dv, varlen),
@@ -331,12 +357,12 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
 
     if fused:
         if gluon_dq:   # dQ (unscaled) reduce-added by TMA inside the dK/dV kernel
-            flash_bwd_hopper.attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale, causal=right == 0, dq_acc=dq)
+            flash_bwd_hopper.attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale, causal=right == 0, key=key, dq_acc=dq)
             return torch.mul(dq, scale, out=torch.empty_like(q, memory_format=torch.contiguous_format)), dk, dv
         launch("dkdv", n_dkdv, cfg)
         return dq.to(q.dtype), dk, dv
     if gluon:
-        flash_bwd_hopper.attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale, causal=right == 0)
+        flash_bwd_hopper.attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale, causal=right == 0, key=key)
         launch("dq", n_dq, cfg_dq)
         return dq, dk, dv
     if use_one_launch(cfg, cfg_dq, n_dkdv + n_dq, q.dtype, q.device):

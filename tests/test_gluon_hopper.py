@@ -137,10 +137,10 @@ def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls, monkeypat
 def test_out_of_scope_inputs_take_the_triton_kernel(calls):
     # a window; a length not a multiple of 128; head dim 96; causal shorter than MIN_CAUSAL_SEQLEN
     for kw, shape in [(dict(window_size=(32, 0)), (1, 2048, 2, 64)), ({}, (1, 2000, 2, 64)),
-                      ({}, (1, 2048, 2, 96)), ({}, (1, 1024, 2, 128))]:
+                      ({}, (1, 2048, 2, 96)), ({}, (1, MIN_CAUSAL_SEQLEN - 128, 2, 128))]:
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         flash_attn_func(q, k, v, causal=True, **kw).sum().backward()
-    assert calls == {"fwd": 1, "dkdv": 0}   # the forward's length rule takes the causal 1K one at d128
+    assert calls == {"fwd": 1, "dkdv": 0}   # the forward's length rule takes the short causal one at d128
     q, k, v = (torch.randn(1, 2048, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     flash_attn_func(q, k, v).sum().backward()   # d64 shorter than the forward's MIN_SEQLEN: only the backward
     assert calls == {"fwd": 1, "dkdv": 1}
@@ -226,3 +226,22 @@ def test_compile_for_hopper_warp_specialized():
     for r in reports:
         assert r["setmaxnreg"] > 0 and r["registers"] <= MAXNREG
         assert not r["serialized_wgmma"] and r["hgmma"] > 0 and r["depbar"] < r["hgmma"] / 4
+
+
+def test_unchecked_descriptors_match_the_checked_constructor():
+    # kernels/hopper.py builds its TMA descriptors without TensorDescriptor's checks (host time): for the
+    # tensors the kernels take, the checked constructor accepts the same fields
+    from dataclasses import fields
+
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from kernels.hopper import row_descriptor
+    packed = torch.empty(1, 256, 3, 4, 128, dtype=torch.float16).unbind(2)[1]   # rows strided by 3 * H * D
+    made = [row_descriptor(torch.empty(2, 256, 4, 64, dtype=torch.bfloat16), 64), row_descriptor(packed, 128),
+            bwd_hopper.vector_descriptor(torch.empty(2, 4, 256), 64),
+            bwd_hopper.dq_descriptor(torch.empty(2, 256, 4, 128), 64)]
+    for fast in made:
+        checked = TensorDescriptor(fast.base, fast.shape, fast.strides, fast.block_shape, fast.layout)
+        for field in fields(TensorDescriptor):
+            mine, theirs = getattr(fast, field.name), getattr(checked, field.name)
+            assert mine is theirs if field.name == "base" else mine == theirs, field.name

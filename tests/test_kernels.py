@@ -134,15 +134,12 @@ def test_deterministic_false_takes_the_split_unless_forced(device, monkeypatch):
     # override_atomic_dq(True) runs the atomic variant: the launch's FUSED_DQ tells them apart
     import kernels.launch as launch
     fused = []
-    real = launch._attn_bwd
+    real = launch._BWD
 
-    class Spy:
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                fused.append(kwargs["FUSED_DQ"])
-                return real[grid](*args, **kwargs)
-            return run
-    monkeypatch.setattr(launch, "_attn_bwd", Spy())
+    def spy(key, grid, *args, **kwargs):
+        fused.append(kwargs["FUSED_DQ"])
+        return real(key, grid, *args, **kwargs)
+    monkeypatch.setattr(launch, "_BWD", spy)
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 40, 40, 2, 2, 32, torch.float16, device))
     with launch.override_gluon():
         flash_attn_func(q, k, v, causal=True, deterministic=False).sum().backward()
@@ -263,7 +260,7 @@ def test_one_launch_rule(monkeypatch):
     # one launch on Hopper for small grids (<= ONE_LAUNCH_MAX_WAVES waves) when the passes' warps and
     # stages agree; never on CPU or in fp32; the override wins
     import kernels.launch as launch
-    monkeypatch.setattr(launch.torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(launch, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(launch, "_num_sms", lambda index: 132)
     cuda, a, b = torch.device("cuda", 0), KernelConfig(64, 128, 8, 3, counted=True), KernelConfig(128, 64, 8, 3)
     limit = launch.ONE_LAUNCH_MAX_WAVES * 132
