@@ -16,17 +16,30 @@ alignments and flags its arguments derive from (``launch.py``'s ``signature``). 
 ``LONGCTX_CHECK_LAUNCH_CACHE=1`` (the GPU tests set it) every cached launch also runs the JIT's own key
 derivation and fails if that names another compiled kernel than the one the key kept.
 
-Under ``TRITON_INTERPRET=1``, or with a launch hook set (Proton's, for instance), every call takes the
-JIT's path.
+What this reads of Triton (``JITFunction.device_caches`` and ``arg_names``, ``CompiledKernel.run``'s
+arguments, the launch hooks) is Triton 3.6's. With another Triton, under ``TRITON_INTERPRET=1``, or with a
+launch hook set (Proton's, for instance), every call takes the JIT's path.
 """
 import os
 
 import torch
-from triton import knobs
+import triton
 from triton.runtime.jit import JITFunction
+
+try:
+    from triton import knobs
+except ImportError:   # Triton < 3.4, which the cached path is off for anyway
+    knobs = None
+
+TESTED_TRITON = (3, 6)   # the Triton whose internals the cached path was written and tested against
 
 CHECK = os.environ.get("LONGCTX_CHECK_LAUNCH_CACHE", "0") == "1"
 MAX_KEYS = 4096   # kept launches per kernel
+
+
+def version(text: str) -> tuple[int, ...]:
+    """'3.6.0' -> (3, 6); the major and minor numbers of a version string."""
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
 
 
 def _no_hooks() -> bool:
@@ -43,7 +56,8 @@ class Cached:
         self.fn = fn
         self.names = list(getattr(fn, "arg_names", ()))
         # the interpreter's kernels have no compiled launcher to call
-        self.enabled = isinstance(fn, JITFunction) and hasattr(fn, "device_caches")
+        self.enabled = (isinstance(fn, JITFunction) and hasattr(fn, "device_caches")
+                        and version(triton.__version__) == TESTED_TRITON)
         self.kernels: dict = {}   # (device, key, keyword values) -> (compiled kernel, keyword argument names)
 
     def __call__(self, key, grid, *args, **kwargs):

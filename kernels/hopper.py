@@ -20,8 +20,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 SEQ_MULTIPLE = 128   # both kernels tile the sequence in blocks of 128 (two warpgroups of 64 rows)
 # Causal sequences shorter than this run the Triton backward. The first versions of the Gluon dK/dV kernel were
 # slower than the Triton one at 1K; today's is faster there too (H200, causal 1K, B 16, GPU time per fwd+bwd
-# from the profiler: d128 0.844 vs 0.951 ms, d64 1.079 vs 1.171 ms; docs/perf-notes.md, session 15). Shorter
-# lengths were not measured. The forward has its own rule.
+# from the profiler: d128 0.851 vs 0.944 ms, d64 1.080 vs 1.162 ms; docs/bench/h200-1k-candidates-2026-11-30l.txt).
+# Shorter lengths were not measured. The forward has its own rule.
 MIN_CAUSAL_SEQLEN = 1024
 MAXNREG = 168        # kernel-wide register cap: 3 warpgroups x 128 threads x 168 fit an SM's 64K registers
 CONSUMER_REGS = gl.constexpr(240)  # each consumer warpgroup's registers per thread after setmaxnreg (the producer keeps 24)

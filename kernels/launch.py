@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .dispatch import Cached
+from .dispatch import Cached, version
 from .flash_bwd import _attn_bwd, _attn_bwd_preprocess
 from .flash_fwd import _attn_fwd
 
@@ -21,7 +21,7 @@ from .flash_fwd import _attn_fwd
 # releases: with an older Triton (or one without Gluon), or a newer one whose Gluon no longer has what they
 # import, the Triton kernels run every pass.
 flash_bwd_hopper = flash_fwd_hopper = None
-if tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit()) >= (3, 6):
+if version(triton.__version__) >= (3, 6):
     try:
         from . import flash_bwd_hopper, flash_fwd_hopper
     except (ImportError, AttributeError) as e:

@@ -79,3 +79,17 @@ def test_cached_launch_passes_every_parameter_in_order(monkeypatch):
     assert launched == [(5, 2, 1, 1234, "fn", "meta", None, None, None, "y", 9, 32, True)]
     launch("k", (3,), "x", 7, BLOCK=64, FLAG=True, num_warps=4)
     assert len(jitted) == 2 and len(launch.kernels) == 2
+
+
+def _plain(X, n, BLOCK: tl.constexpr):
+    pass
+
+
+def test_other_tritons_take_the_jit_path(monkeypatch):
+    # the cached path reads Triton 3.6's internals: with another version every launch goes through the JIT
+    from triton.runtime.jit import JITFunction
+    compiled = JITFunction(_plain)   # a compiled-path kernel object even where the interpreter is on
+    assert Cached(compiled).enabled
+    monkeypatch.setattr(dispatch.triton, "__version__", "3.7.0")
+    assert not Cached(compiled).enabled
+    assert dispatch.version("3.6.0") == (3, 6) and dispatch.version("3.6.0+git1234") == (3, 6)
