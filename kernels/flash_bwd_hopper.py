@@ -299,7 +299,7 @@ def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, key
     lse2 is the LSE in base 2 (times log2(e)), +inf for rows that saw no key (their P is then exactly 0, not
     NaN); the backward's preprocess kernel writes it with delta (WRITE_LSE2), so the loop, which bounds the
     d64 kernel by its elementwise work, neither selects nor scales (docs/perf-notes.md). ``key``: the launch's
-    kernels/dispatch.py key over these tensors and dq_acc (kernels/launch.py's ``signature``)."""
+    kernels/dispatch.py key, which kernels/launch.py builds from its caller's tensors."""
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     bm, st = launch_config(head_dim)

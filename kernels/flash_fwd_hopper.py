@@ -219,7 +219,7 @@ _launch = Cached(_attn_fwd_hopper)
 
 def attn_fwd(q, k, v, out, lse, scale: float, causal: bool, key):
     """Output into ``out`` ((B, N, H, D), contiguous) and the natural-log LSE into ``lse`` ((B, H, N) fp32).
-    ``key``: the launch's kernels/dispatch.py key over these tensors (kernels/launch.py's ``signature``)."""
+    ``key``: the launch's kernels/dispatch.py key, which kernels/launch.py builds from its caller's tensors."""
     batch, seqlen, nheads, head_dim = q.shape
     block_n, stages = launch_config(head_dim)
     grid = (batch * nheads * (seqlen // BLOCK_M.value),)
