@@ -5,6 +5,7 @@
     make bench ARGS="--sweep"                     # also search launch parameters per pass first
     make bench ARGS="--dims 64 --causal 1 --seqlens 8192 --tokens 8192 --model-dim 768"  # GPT-2 small's
     make bench ARGS="--host-overhead --dims 64 --causal 0 --seqlens 256 --tokens 256 --providers ours sdpa_cudnn"
+    make bench ARGS="--dtype float16 --tutorial PATH --providers ours tutorial sdpa_cudnn"   # the Triton tutorial
 
 Grid as in the field (FlashAttention papers, docs/perf-notes.md): bf16, B * N = 16K tokens (B = 1 at
 N >= 16K), H * D = 2048. FLOPs: forward 4 * B * H * N^2 * D, halved when causal; forward+backward
@@ -100,9 +101,27 @@ def triton_atomic():
         yield
 
 
-def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=()):
+def load_tutorial(path):
+    """``attention(q, k, v, causal, sm_scale)`` of the Triton tutorial's fused attention, imported from `path`
+    (python/tutorials/06-fused-attention.py of a Triton checkout at the installed version; our tree does not
+    carry it). It takes fp16 (B, H, N, D) contiguous inputs, N a multiple of 128."""
+    import importlib.util
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--tutorial {path}: no such file (expected python/tutorials/06-fused-attention.py "
+                         "from a Triton checkout)")
+    spec = importlib.util.spec_from_file_location("triton_tutorial_fused_attention", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "attention", None)):
+        raise ValueError(f"--tutorial {path}: expected a module defining attention(q, k, v, causal, sm_scale)")
+    return module.attention
+
+
+def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=(), tutorial=None):
     """name -> (layout, fn). layout 'bnhd' is ours; 'bhnd' is PyTorch's. one_launch_dkdv: the dK/dV
-    parameters for ours_1launch (the "bwd" sweep's winner); variants: names for variant()."""
+    parameters for ours_1launch (the "bwd" sweep's winner); variants: names for variant(); tutorial: the
+    Triton tutorial's attention function (load_tutorial), the provider "tutorial"."""
     @contextlib.contextmanager
     def one_launch():
         with override_one_launch(True), (override_configs(dkdv=one_launch_dkdv) if one_launch_dkdv
@@ -134,6 +153,8 @@ def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=()):
         "sdpa_cudnn": ("bhnd", sdpa(SDPBackend.CUDNN_ATTENTION)),
         "standard": ("bhnd", lambda q, k, v: standard_attention(q, k, v, causal)),
     }
+    if tutorial is not None:
+        providers["tutorial"] = ("bhnd", lambda q, k, v: tutorial(q, k, v, causal, q.shape[-1] ** -0.5))
     if flex_ok:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         # one compilation per shape and grad mode: past dynamo's default limit of 8 recompiles flex
@@ -190,12 +211,12 @@ def bench_one(fn, layout, B, N, H, D, causal, mode, dtype=torch.bfloat16):
     return ms, peak
 
 
-def profile_one(fn, layout, B, N, H, D, steps=10):
+def profile_one(fn, layout, B, N, H, D, steps=10, dtype=torch.bfloat16):
     """GPU time per kernel of one forward+backward step (ms, mean of `steps`), from the CUDA profiler.
     A kernel launched c times per step is reported as name#0 .. name#(c-1) in launch order (ours:
     _attn_bwd#0 is the dK/dV launch, #1 the dQ launch, when the backward takes two)."""
     from torch.profiler import ProfilerActivity, profile
-    step, inputs = _setup(fn, layout, B, N, H, D, "fwd_bwd")
+    step, inputs = _setup(fn, layout, B, N, H, D, "fwd_bwd", dtype)
     with getattr(fn, "context", contextlib.nullcontext)():
         for _ in range(3):
             step()
@@ -207,11 +228,11 @@ def profile_one(fn, layout, B, N, H, D, steps=10):
     return kernel_times(prof.events(), steps)
 
 
-def host_time(fn, layout, B, N, H, D, steps=200):
+def host_time(fn, layout, B, N, H, D, steps=200, dtype=torch.bfloat16):
     """(host us, wall us) per forward+backward step: the CPU time to issue `steps` steps back to back
     (after warm-up), and the time until the GPU finished them. At small shapes the GPU waits for the host,
     and host ~ wall measures the op's launch overhead."""
-    step, inputs = _setup(fn, layout, B, N, H, D, "fwd_bwd")
+    step, inputs = _setup(fn, layout, B, N, H, D, "fwd_bwd", dtype)
     with getattr(fn, "context", contextlib.nullcontext)():
         for _ in range(20):
             step()
@@ -226,12 +247,12 @@ def host_time(fn, layout, B, N, H, D, steps=200):
     return host / steps * 1e6, wall / steps * 1e6
 
 
-def host_profile(fn, layout, B, N, H, D, steps=50, top=40) -> str:
+def host_profile(fn, layout, B, N, H, D, steps=50, top=40, dtype=torch.bfloat16) -> str:
     """Where the host's time per forward+backward step goes: cProfile over `steps` steps issued back to back
     (after warm-up), the `top` functions by own time, as pstats prints them. cProfile slows the Python it
     counts: read the shares, not the microseconds. The backward runs on the calling thread here (CUDA
     backward otherwise runs on autograd's device thread, which the profiler would not see)."""
-    step, inputs = _setup(fn, layout, B, N, H, D, "fwd_bwd")
+    step, inputs = _setup(fn, layout, B, N, H, D, "fwd_bwd", dtype)
     profiler = cProfile.Profile()
     with getattr(fn, "context", contextlib.nullcontext)(), torch.autograd.set_multithreading_enabled(False):
         for _ in range(20):
@@ -341,6 +362,20 @@ def sweep(D, causal, N, log, passes=tuple(SWEEP), tokens=TOKENS, model_dim=MODEL
     return best
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_args(args, parser):
+    """Argument combinations that cannot run, refused before any work."""
+    if "tutorial" in args.providers and not args.tutorial:
+        parser.error("provider 'tutorial' needs --tutorial PATH (python/tutorials/06-fused-attention.py of a "
+                     "Triton checkout)")
+    if args.tutorial and args.dtype != "float16":
+        parser.error("--tutorial: the Triton tutorial's kernel is fp16 only; add --dtype float16")
+    if args.tutorial and "tutorial" not in args.providers:
+        parser.error("--tutorial given but 'tutorial' is not in --providers")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
@@ -369,8 +404,14 @@ def main():
     ap.add_argument("--host-profile", action="store_true",
                     help="with --host-overhead: also a cProfile of each provider's host time per point, written "
                          "to --out/host_profile_<provider>_d<D>_<causal|full>_<N>.txt")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                    help="inputs of every provider (the grid is bf16; the Triton tutorial runs fp16 only)")
+    ap.add_argument("--tutorial", metavar="PATH",
+                    help="the Triton tutorial's fused attention (python/tutorials/06-fused-attention.py of a Triton "
+                         "checkout), benchmarked as provider 'tutorial'; needs --dtype float16")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = ap.parse_args()
+    check_args(args, ap)
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU (the CPU path is for correctness, not speed)")
 
@@ -383,10 +424,13 @@ def main():
         log_file.write(msg + "\n")
 
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()}
+           "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+           "dtype": args.dtype}
     log(json.dumps(env))
+    dtype = DTYPES[args.dtype]
+    tutorial = load_tutorial(args.tutorial) if args.tutorial else None
     if args.host_overhead:
-        host_overhead(args, env, out_dir, log)
+        host_overhead(args, env, out_dir, log, tutorial, dtype)
         return
     rows, profiles = [], []
     for D in args.dims:
@@ -412,7 +456,7 @@ def main():
                 B, H = max(1, args.tokens // N), args.model_dim // D
                 flex_ok = "flex" in args.providers and (0 in args.flex_seqlens or N in args.flex_seqlens)
                 providers = make_providers(causal, N, flex_ok, configs.get("bwd"),
-                                           [p for p in args.providers if "+" in p])
+                                           [p for p in args.providers if "+" in p], tutorial)
                 for rep, name in ((r, p) for r in range(args.repeats) for p in args.providers):
                     if name not in providers:
                         continue
@@ -420,7 +464,7 @@ def main():
                     for mode in args.modes:
                         with override_configs(**configs):
                             try:
-                                ms, peak = bench_one(fn, layout, B, N, H, D, causal, mode)
+                                ms, peak = bench_one(fn, layout, B, N, H, D, causal, mode, dtype)
                             except Exception as e:  # noqa: BLE001 - a backend that refuses a shape is a result
                                 ms = peak = f"error: {type(e).__name__}"
                         tf = flops(B, N, H, D, causal, mode) / ms / 1e9 if isinstance(ms, float) else None
@@ -433,7 +477,7 @@ def main():
                         if name in providers and name != "standard":
                             layout, fn = providers[name]
                             with override_configs(**configs):
-                                times = profile_one(fn, layout, B, N, H, D)
+                                times = profile_one(fn, layout, B, N, H, D, dtype=dtype)
                             profiles.append(dict(D=D, causal=causal, N=N, provider=name, kernels_ms=times))
                             log(f"profile D{D} {'causal' if causal else 'full'} N{N} {name}: total "
                                 f"{sum(times.values()):.3f} ms; " + "; ".join(f"{k} {v:.3f}" for k, v in times.items()))
@@ -447,7 +491,7 @@ def main():
     plot(rows, env, out_dir / "bench.png")
 
 
-def host_overhead(args, env, out_dir, log):
+def host_overhead(args, env, out_dir, log, tutorial=None, dtype=torch.bfloat16):
     """--host-overhead: host and wall microseconds per forward+backward step, per provider and point."""
     rows = []
     log(f"\nus per forward+backward step on {env['gpu']} (host: issuing it; wall: until the GPU finished)")
@@ -457,19 +501,19 @@ def host_overhead(args, env, out_dir, log):
             for N in args.seqlens:
                 B, H = max(1, args.tokens // N), args.model_dim // D
                 providers = make_providers(causal, N, "flex" in args.providers, None,
-                                           [p for p in args.providers if "+" in p])
+                                           [p for p in args.providers if "+" in p], tutorial)
                 cells = []
                 for name in args.providers:
                     if name not in providers:
                         cells.append("-")
                         continue
                     layout, fn = providers[name]
-                    host, wall = host_time(fn, layout, B, N, H, D)
+                    host, wall = host_time(fn, layout, B, N, H, D, dtype=dtype)
                     rows.append(dict(D=D, causal=causal, N=N, B=B, H=H, provider=name, host_us=host, wall_us=wall))
                     cells.append(f"{host:.0f} / {wall:.0f}")
                     if args.host_profile:
                         path = out_dir / f"host_profile_{name}_d{D}_{'causal' if causal else 'full'}_{N}.txt"
-                        path.write_text(host_profile(fn, layout, B, N, H, D))
+                        path.write_text(host_profile(fn, layout, B, N, H, D, dtype=dtype))
                         log(f"host profile of {name}: {path}")
                     torch.cuda.empty_cache()
                 log(f"| {D} | {int(causal)} | {N} | {B} | {H} | " + " | ".join(cells) + " |")
@@ -488,7 +532,8 @@ def _summary(rs):
 
 def print_table(rows, env, log):
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    log(f"\nTFLOP/s on {env['gpu']} (torch {env['torch']}, triton {env['triton']}); peak extra GiB of ours / sdpa_flash")
+    log(f"\nTFLOP/s on {env['gpu']} (torch {env['torch']}, triton {env['triton']}, {env.get('dtype', 'bfloat16')}); "
+        "peak extra GiB of ours / sdpa_flash")
     for mode in dict.fromkeys(r["mode"] for r in rows):
         log(f"\n{mode}: | D | causal | N | " + " | ".join(providers) + " | ours/flash | mem ours | mem flash |")
         keys = dict.fromkeys((r["D"], r["causal"], r["N"]) for r in rows if r["mode"] == mode)

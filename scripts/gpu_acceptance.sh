@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks behind the issues' closing notes, in one command (run on a CUDA machine):
-#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train] [memory] [kernel] [e2e]
+#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train] [memory] [kernel] [e2e] [tutorial]
 # tests: the whole suite compiled on the GPU; bench: the kernel grid vs SDPA (make bench);
 # train: GPT-2 small at 16K context, 200 steps with our kernel and with SDPA, same seed and data;
 # memory: GPT-2 124M with and without the memory plan from 64K to 1M tokens, with what holds the
@@ -11,6 +11,9 @@
 # e2e: host microseconds per forward+backward (make bench --host-overhead), then GPT-2 124M's compiled
 # training step at 8K with our kernels (deterministic_attention false / true) and SDPA cuDNN, same machine,
 # then ours and cuDNN compiled with CUDA graphs (--compile reduce-overhead).
+# tutorial: the grid in fp16 (the Triton tutorial's kernel is fp16 only) with the tutorial beside ours and
+# cuDNN; TUTORIAL=path/to/06-fused-attention.py from a Triton checkout at the installed version (our tree
+# does not carry it).
 set -uo pipefail
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -54,6 +57,10 @@ for s in "${steps[@]}"; do
         $PY scripts/bench_context.py --configs $c --start 8192 --max 8192 --steps 10 --compile reduce-overhead \
           --wandb none --out "$OUT/e2e_graphs_$c" 2>&1 | grep -v '^{"config"' | tail -3
       done ;;
-    *) echo "unknown step $s (tests | bench | train | memory | kernel | e2e)"; exit 2 ;;
+    tutorial)
+      $PY scripts/bench_attention.py --dtype float16 --tutorial "${TUTORIAL:?set TUTORIAL to 06-fused-attention.py}" \
+        --providers ours ours_atomic tutorial sdpa_cudnn --out "$OUT/tutorial" ${BENCH_ARGS:-} 2>&1 \
+        | grep -v '^{"D"' | tail -45 ;;
+    *) echo "unknown step $s (tests | bench | train | memory | kernel | e2e | tutorial)"; exit 2 ;;
   esac
 done

@@ -574,7 +574,7 @@ def test_bench_host_profile_sees_a_custom_backward(monkeypatch):
         def backward(ctx, g):
             return g * 2
 
-    def setup(fn, layout, B, N, H, D, mode):
+    def setup(fn, layout, B, N, H, D, mode, dtype=torch.bfloat16):
         q = torch.randn(B, N, H, D, requires_grad=True)
         return (lambda: fn(q, q, q).sum().backward()), (q,)
 
@@ -622,3 +622,31 @@ def test_bench_repeats_table_and_variant_providers():
     _, fn = variant("ours_atomic+ws=64,3", True)   # deterministic=False: the fused backward's candidates
     with fn.context():
         assert flash_bwd_hopper.launch_config(128) == (64, 3)
+
+
+def test_bench_tutorial_provider(tmp_path, monkeypatch, capsys):
+    # make bench ARGS="--dtype float16 --tutorial PATH --providers ours tutorial ...": the Triton tutorial's
+    # attention(q, k, v, causal, sm_scale), imported from a file outside our tree (a stand-in here); refused
+    # before any work without fp16, without the file or without the provider
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_attention
+    stub = tmp_path / "fused_attention.py"
+    stub.write_text("calls = []\n\n\ndef attention(q, k, v, causal, sm_scale):\n"
+                    "    calls.append((causal, sm_scale))\n    return q\n")
+    attention = bench_attention.load_tutorial(stub)
+    layout, fn = bench_attention.make_providers(True, 64, False, tutorial=attention)["tutorial"]
+    q = torch.zeros(1, 2, 8, 64)
+    assert layout == "bhnd" and fn(q, q, q) is q and attention.__globals__["calls"] == [(True, 0.125)]
+    assert "tutorial" not in bench_attention.make_providers(True, 64, False)
+    with pytest.raises(ValueError, match="no such file"):
+        bench_attention.load_tutorial(tmp_path / "missing.py")
+    (tmp_path / "other.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="attention"):
+        bench_attention.load_tutorial(tmp_path / "other.py")
+    for argv, message in ((["--providers", "ours", "tutorial"], "needs --tutorial"),
+                          (["--tutorial", str(stub), "--providers", "tutorial"], "fp16 only"),
+                          (["--dtype", "float16", "--tutorial", str(stub)], "not in --providers")):
+        monkeypatch.setattr(sys, "argv", ["bench_attention.py", *argv])
+        with pytest.raises(SystemExit):
+            bench_attention.main()
+        assert message in capsys.readouterr().err
