@@ -49,11 +49,15 @@ def train(cfg: DictConfig) -> dict:
     amp = functools.partial(autocast, t.precision, device)
     torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32 (CUDA)
     seed_all(t.seed)
+    # CUDA graphs (compile_mode reduce-overhead / max-autotune): a graph per input shape, so the loaders pad
+    # cu_seqlens to a few lengths (data/loader.py: bucket_boundaries)
+    cudagraphs = t.compile and t.compile_mode in CUDAGRAPH_MODES and device.type == "cuda"
+    loader_args = dict(seed=t.seed, doc_masking=cfg.data.doc_masking, bucket_boundaries=cudagraphs)
 
     # data: tokenizer and packed tokens come from cache_dir after the first run
     try:
         bundle = build_data(cfg.data, cfg.cache_dir)
-        train_loader = bundle.loader("train", B, T, seed=t.seed, doc_masking=cfg.data.doc_masking)
+        train_loader = bundle.loader("train", B, T, **loader_args)
     except ValueError as e:  # the data package names the data key at fault
         raise config_error(e) from None
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < bundle.vocab_size:
@@ -77,9 +81,8 @@ def train(cfg: DictConfig) -> dict:
             raise ConfigError("train.init_from", f"{t.init_from} does not fit this model: {first}",
                               "keep the model shape of the run that wrote it") from None
     model = torch.compile(raw_model, mode=t.compile_mode) if t.compile else raw_model
-    # CUDA graphs (compile_mode reduce-overhead / max-autotune): each step starts a new generation of the
-    # graphs' outputs, so the previous step's loss and gradients are known to be dead before a replay
-    cudagraphs = t.compile and t.compile_mode in CUDAGRAPH_MODES and device.type == "cuda"
+    # with CUDA graphs each step starts a new generation of the graphs' outputs, so the previous step's loss and
+    # gradients are known to be dead before a replay
     optimizer = build_optimizer(raw_model, t, device)
     schedule = build_schedule(optimizer, t)
 
@@ -155,7 +158,7 @@ def train(cfg: DictConfig) -> dict:
             evaluate, checkpoint = step % t.eval_every == 0 or last, step % t.ckpt_every == 0 or last
             if evaluate:
                 # a fresh val loader each time: every evaluation scores the same tokens
-                val_loader = bundle.loader("val", B, T, seed=t.seed, doc_masking=cfg.data.doc_masking)
+                val_loader = bundle.loader("val", B, T, **loader_args)
                 evals = val_loss(model, val_loader, t.eval_batches, device, amp)
                 if t.eval_passkey:
                     evals |= passkey(raw_model, bundle.tokenizer, T, list(t.passkey_depths), t.passkey_trials,

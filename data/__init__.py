@@ -150,16 +150,17 @@ class DataBundle:
         """Number of token ids (special tokens included); the model's embedding needs at least this many."""
         return self.tokenizer.get_vocab_size()
 
-    def loader(self, split: str, batch_size: int, seq_len: int, seed: int, doc_masking: bool = True) -> BatchLoader:
+    def loader(self, split: str, batch_size: int, seq_len: int, seed: int, doc_masking: bool = True,
+               bucket_boundaries: bool = False) -> BatchLoader:
         """BatchLoader over `split` ("train" or "val"). In the train loader a fraction `data.passkey_mix`
         of the batches are passkey samples; the val loader has none, so val loss stays plain language
-        modelling."""
+        modelling. bucket_boundaries: see BatchLoader."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         mix = self.config.passkey_mix if split == "train" else 0.0
         return BatchLoader(getattr(self, split), batch_size, seq_len, seed, doc_masking=doc_masking,
                            passkey=PasskeyTask(self.tokenizer) if mix > 0 else None, passkey_mix=mix,
-                           passkey_lengths=self.config.passkey_lengths)
+                           passkey_lengths=self.config.passkey_lengths, bucket_boundaries=bucket_boundaries)
 
 
 def load_corpus(config: DataConfig, cache_dir: Path) -> datasets.Dataset:

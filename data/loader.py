@@ -32,6 +32,10 @@ class BatchLoader:
                                     plus every document start inside a row when doc_masking; segment i
                                     is [cu_seqlens[i], cu_seqlens[i+1]) and its position_ids are 0, 1, ...
     Without doc_masking, rows are single segments (position_ids = 0..T-1) and no target is ignored.
+    With `bucket_boundaries`, cu_seqlens is padded with copies of B*T (empty segments at the end, which
+    the attention kernels and the sdpa/naive document mask skip) to the next power-of-two length, so batches
+    take a few shapes instead of one per segment count: a model compiled with CUDA graphs records a graph per
+    input shape.
 
     Passkey mix-in: with `passkey` given, each batch is independently, with probability `passkey_mix`,
     a batch of passkey-retrieval samples of length T + 1 (random key and depth per row) instead of
@@ -51,7 +55,8 @@ class BatchLoader:
     """
 
     def __init__(self, packed: PackedTokens, batch_size: int, seq_len: int, seed: int, doc_masking: bool = True,
-                 passkey: PasskeyTask | None = None, passkey_mix: float = 0.0, passkey_lengths: str = "full"):
+                 passkey: PasskeyTask | None = None, passkey_mix: float = 0.0, passkey_lengths: str = "full",
+                 bucket_boundaries: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seq_len < 1 or len(packed) < seq_len + 1:
@@ -74,6 +79,7 @@ class BatchLoader:
         self.passkey = passkey
         self.passkey_mix = passkey_mix
         self.passkey_lengths = passkey_lengths
+        self.bucket_boundaries = bucket_boundaries
         self.step = 0
 
     def __iter__(self) -> BatchLoader:
@@ -93,6 +99,12 @@ class BatchLoader:
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch at `step` (what the step-th next() returns), without moving the iterator."""
+        batch = self._batch(step)
+        if self.bucket_boundaries:
+            batch["cu_seqlens"] = pad_boundaries(batch["cu_seqlens"])
+        return batch
+
+    def _batch(self, step: int) -> dict[str, torch.Tensor]:
         B, T = self.batch_size, self.seq_len
         rng = np.random.default_rng([self.seed, step])
         if self.passkey_mix > 0 and rng.random() < self.passkey_mix:
@@ -160,3 +172,11 @@ class BatchLoader:
             spans.append((used, span))
             used += span
         return spans
+
+
+def pad_boundaries(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens (n + 1,) padded with copies of its last entry to the next power-of-two length (>= 2): the
+    same segments followed by empty ones."""
+    n = cu_seqlens.numel()
+    size = 1 << max(1, (n - 1).bit_length())
+    return torch.cat([cu_seqlens, cu_seqlens[-1:].expand(size - n)]) if size > n else cu_seqlens

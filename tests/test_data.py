@@ -183,6 +183,25 @@ def test_loader_without_doc_masking(built):
     assert batch["cu_seqlens"].tolist() == [0, 64, 128, 192]
 
 
+def test_bucketed_boundaries(built):
+    # bucket_boundaries (train.py sets it under CUDA graphs, which record a graph per input shape): cu_seqlens
+    # padded to a power-of-two length with empty trailing segments, everything else the same batch
+    bundle, _, _ = built
+    B, T = 8, 1024
+    exact = bundle.loader("train", batch_size=B, seq_len=T, seed=0)
+    padded = bundle.loader("train", batch_size=B, seq_len=T, seed=0, bucket_boundaries=True)
+    lengths, buckets = set(), set()
+    for _ in range(32):
+        a, b = next(exact), next(padded)
+        assert all(torch.equal(a[k], b[k]) for k in a if k != "cu_seqlens")
+        n, m = a["cu_seqlens"].numel(), b["cu_seqlens"].numel()
+        assert m >= n and m & (m - 1) == 0 and torch.equal(b["cu_seqlens"][:n], a["cu_seqlens"])
+        assert (b["cu_seqlens"][n:] == B * T).all()
+        lengths.add(n)
+        buckets.add(m)
+    assert len(buckets) < len(lengths)   # fewer shapes
+
+
 def test_loader_resume_is_exact(built):
     bundle, _, _ = built
     loader = bundle.loader("train", batch_size=2, seq_len=128, seed=7)

@@ -234,6 +234,28 @@ def test_backends_agree(arch, doc_lens):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_boundaries_change_nothing(backend):
+    # cu_seqlens padded with empty trailing segments (data/loader.py's bucket_boundaries, for CUDA graphs):
+    # the same logits, loss and gradients as the exact boundaries
+    from data.loader import pad_boundaries
+    model = with_backend(make_model(n_kv_head=2), backend)
+    input_ids, targets, position_ids, cu_seqlens = packed_batch(doc_lens=(10, 22, 18, 14))
+    padded = pad_boundaries(cu_seqlens)
+    assert padded.numel() == 8 and padded[5:].tolist() == [64] * 3
+    results = []
+    for cu in (cu_seqlens, padded):
+        model.zero_grad()
+        logits, loss = model(input_ids, targets, position_ids, cu)
+        loss.backward()
+        results.append((logits, loss, [p.grad.clone() for p in model.parameters()]))
+    (logits, loss, grads), (logits2, loss2, grads2) = results
+    torch.testing.assert_close(logits2, logits, atol=0, rtol=0)
+    torch.testing.assert_close(loss2, loss, atol=0, rtol=0)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g2, g, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_document_masking_isolates_documents(backend):
     model = with_backend(make_model(n_kv_head=2), backend)
     input_ids, _, position_ids, cu_seqlens = packed_batch(B=1, T=32, doc_lens=(10, 22))
