@@ -81,8 +81,6 @@ def train(cfg: DictConfig) -> dict:
             raise ConfigError("train.init_from", f"{t.init_from} does not fit this model: {first}",
                               "keep the model shape of the run that wrote it") from None
     model = torch.compile(raw_model, mode=t.compile_mode) if t.compile else raw_model
-    # with CUDA graphs each step starts a new generation of the graphs' outputs, so the previous step's loss and
-    # gradients are known to be dead before a replay
     optimizer = build_optimizer(raw_model, t, device)
     schedule = build_schedule(optimizer, t)
 
@@ -124,7 +122,7 @@ def train(cfg: DictConfig) -> dict:
             loss_sum = torch.zeros((), device=device)
             for _ in range(accum):
                 batch = to_device(next(train_loader), device)
-                if cudagraphs:
+                if cudagraphs:   # a new generation of the graphs' outputs: the last step's are known to be dead
                     torch.compiler.cudagraph_mark_step_begin()
                 with amp():
                     _, loss = model(**batch)

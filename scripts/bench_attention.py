@@ -374,6 +374,9 @@ def check_args(args, parser):
         parser.error("--tutorial: the Triton tutorial's kernel is fp16 only; add --dtype float16")
     if args.tutorial and "tutorial" not in args.providers:
         parser.error("--tutorial given but 'tutorial' is not in --providers")
+    if args.tutorial and not Path(args.tutorial).is_file():
+        parser.error(f"--tutorial {args.tutorial}: no such file (expected python/tutorials/06-fused-attention.py "
+                     "from a Triton checkout)")
 
 
 def main():

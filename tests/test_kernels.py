@@ -645,7 +645,9 @@ def test_bench_tutorial_provider(tmp_path, monkeypatch, capsys):
         bench_attention.load_tutorial(tmp_path / "other.py")
     for argv, message in ((["--providers", "ours", "tutorial"], "needs --tutorial"),
                           (["--tutorial", str(stub), "--providers", "tutorial"], "fp16 only"),
-                          (["--dtype", "float16", "--tutorial", str(stub)], "not in --providers")):
+                          (["--dtype", "float16", "--tutorial", str(stub)], "not in --providers"),
+                          (["--dtype", "float16", "--tutorial", str(tmp_path / "none.py"), "--providers", "tutorial"],
+                           "no such file")):
         monkeypatch.setattr(sys, "argv", ["bench_attention.py", *argv])
         with pytest.raises(SystemExit):
             bench_attention.main()
