@@ -101,6 +101,10 @@ def triton_atomic():
         yield
 
 
+def _no_tutorial(path) -> str:
+    return f"--tutorial {path}: no such file (expected python/tutorials/06-fused-attention.py from a Triton checkout)"
+
+
 def load_tutorial(path):
     """``attention(q, k, v, causal, sm_scale)`` of the Triton tutorial's fused attention, imported from `path`
     (python/tutorials/06-fused-attention.py of a Triton checkout at the installed version; our tree does not
@@ -108,8 +112,7 @@ def load_tutorial(path):
     import importlib.util
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"--tutorial {path}: no such file (expected python/tutorials/06-fused-attention.py "
-                         "from a Triton checkout)")
+        raise ValueError(_no_tutorial(path))
     spec = importlib.util.spec_from_file_location("triton_tutorial_fused_attention", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -375,8 +378,7 @@ def check_args(args, parser):
     if args.tutorial and "tutorial" not in args.providers:
         parser.error("--tutorial given but 'tutorial' is not in --providers")
     if args.tutorial and not Path(args.tutorial).is_file():
-        parser.error(f"--tutorial {args.tutorial}: no such file (expected python/tutorials/06-fused-attention.py "
-                     "from a Triton checkout)")
+        parser.error(_no_tutorial(args.tutorial))
 
 
 def main():
