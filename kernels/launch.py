@@ -67,6 +67,12 @@ _SM90 = {
 }
 # Where the best parameters differ without the causal mask: {(pass, head dim): config}.
 _SM90_NONCAUSAL: dict[tuple[str, int], KernelConfig] = {("dkdv", 128): KernelConfig(64, 128, 8, 3, counted=True)}
+# Up to a sequence length, where other parameters measured faster beside the Gluon dK/dV kernel (the only
+# path that asks for them, kernels/flash_bwd_hopper.py): {(pass, head dim): (longest seqlen, config)}.
+# d64 dQ with 64-row tiles and 4 warps, H200 fp16, fwd+bwd TFLOP/s against the 128-row entry
+# (docs/bench/h200-d64-short-sweep-fp16-2026-11-30o.json): causal 1K 228 vs 220, 2K 280 vs 272, 4K 316 vs 303;
+# full 1K 302 vs 293, 2K 330 vs 324, 4K 353 vs 342. At 8K level (causal 338 vs 334) or behind (full).
+_SM90_SHORT: dict[tuple[str, int], tuple[int, KernelConfig]] = {("dq", 64): (4096, KernelConfig(64, 64, 4, 3))}
 # Ampere / Ada and anything else: less shared memory, so shallower pipelines.
 _GENERIC = {
     "fwd": {64: KernelConfig(128, 64, 4, 2), 128: KernelConfig(128, 32, 8, 2),
@@ -205,7 +211,9 @@ def override_configs(**configs: KernelConfig):
 
 
 def get_config(pass_name: str, head_dim_pad: int, dtype: torch.dtype, device: torch.device,
-               causal: bool) -> KernelConfig:
+               causal: bool, seqlen: int | None = None) -> KernelConfig:
+    """Launch parameters of one pass; seqlen (given only beside the Gluon dK/dV kernel) picks _SM90_SHORT's
+    entries on Hopper."""
     if pass_name in _overrides:
         return _overrides[pass_name]
     if device.type != "cuda":
@@ -216,11 +224,14 @@ def get_config(pass_name: str, head_dim_pad: int, dtype: torch.dtype, device: to
     d = max(64, head_dim_pad)
     if _major(device) < 9:
         return _GENERIC[pass_name][d]
-    return hopper_config(pass_name, d, causal)
+    return hopper_config(pass_name, d, causal, seqlen)
 
 
-def hopper_config(pass_name: str, head_dim_pad: int, causal: bool) -> KernelConfig:
+def hopper_config(pass_name: str, head_dim_pad: int, causal: bool, seqlen: int | None = None) -> KernelConfig:
     """The Hopper (sm_90) launch-table entry for bf16/fp16; head_dim_pad 64, 128 or 256."""
+    short = _SM90_SHORT.get((pass_name, head_dim_pad))
+    if seqlen is not None and short is not None and seqlen <= short[0]:
+        return short[1]
     return (not causal and _SM90_NONCAUSAL.get((pass_name, head_dim_pad))) or _SM90[pass_name][head_dim_pad]
 
 
@@ -336,7 +347,8 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
             HAS_DLSE=dlse is not None, WRITE_LSE2=lse2 is not None, ZERO_DQ=fused)
 
     cfg = get_config("dkdv_fused" if fused else "dkdv", d_pad, q.dtype, q.device, right >= 0)
-    cfg_dq = cfg if fused else get_config("dq", d_pad, q.dtype, q.device, right >= 0)
+    cfg_dq = cfg if fused else get_config("dq", d_pad, q.dtype, q.device, right >= 0,
+                                          max(seqlen_q, seqlen_k) if gluon else None)
     num_n = triton.cdiv(seqlen_k, cfg.BLOCK_N)
     num_m = triton.cdiv(seqlen_q, cfg_dq.BLOCK_M)
     n_dkdv, n_dq = num_n * batch * nheads_k, num_m * batch * nheads

@@ -5,7 +5,7 @@
     make bench ARGS="--sweep"                     # also search launch parameters per pass first
     make bench ARGS="--dims 64 --causal 1 --seqlens 8192 --tokens 8192 --model-dim 768"  # GPT-2 small's
     make bench ARGS="--host-overhead --dims 64 --causal 0 --seqlens 256 --tokens 256 --providers ours sdpa_cudnn"
-    make bench ARGS="--dtype float16 --tutorial PATH --providers ours tutorial sdpa_cudnn"   # the Triton tutorial
+    make bench ARGS="--dtype float16 --tutorial PATH --providers ours tutorial tutorial_nows sdpa_cudnn"  # Triton's
 
 Grid as in the field (FlashAttention papers, docs/perf-notes.md): bf16, B * N = 16K tokens (B = 1 at
 N >= 16K), H * D = 2048. FLOPs: forward 4 * B * H * N^2 * D, halved when causal; forward+backward
@@ -157,7 +157,11 @@ def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=(), tutori
         "standard": ("bhnd", lambda q, k, v: standard_attention(q, k, v, causal)),
     }
     if tutorial is not None:
+        # the tutorial's default call (Triton 3.6: warp_specialize=True, which on Hopper builds the TMA
+        # descriptors on the device) and warp specialization off, what its own benchmark runs on Hopper for
+        # causal forward and for the backward
         providers["tutorial"] = ("bhnd", lambda q, k, v: tutorial(q, k, v, causal, q.shape[-1] ** -0.5))
+        providers["tutorial_nows"] = ("bhnd", lambda q, k, v: tutorial(q, k, v, causal, q.shape[-1] ** -0.5, False))
     if flex_ok:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         # one compilation per shape and grad mode: past dynamo's default limit of 8 recompiles flex
@@ -366,17 +370,19 @@ def sweep(D, causal, N, log, passes=tuple(SWEEP), tokens=TOKENS, model_dim=MODEL
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+TUTORIAL_PROVIDERS = ("tutorial", "tutorial_nows")
 
 
 def check_args(args, parser):
     """Argument combinations that cannot run, refused before any work."""
-    if "tutorial" in args.providers and not args.tutorial:
-        parser.error("provider 'tutorial' needs --tutorial PATH (python/tutorials/06-fused-attention.py of a "
+    asked = [p for p in args.providers if p in TUTORIAL_PROVIDERS]
+    if asked and not args.tutorial:
+        parser.error(f"provider '{asked[0]}' needs --tutorial PATH (python/tutorials/06-fused-attention.py of a "
                      "Triton checkout)")
     if args.tutorial and args.dtype != "float16":
         parser.error("--tutorial: the Triton tutorial's kernel is fp16 only; add --dtype float16")
-    if args.tutorial and "tutorial" not in args.providers:
-        parser.error("--tutorial given but 'tutorial' is not in --providers")
+    if args.tutorial and not asked:
+        parser.error(f"--tutorial given but none of {', '.join(TUTORIAL_PROVIDERS)} is in --providers")
     if args.tutorial and not Path(args.tutorial).is_file():
         parser.error(_no_tutorial(args.tutorial))
 
@@ -413,7 +419,8 @@ def main():
                     help="inputs of every provider (the grid is bf16; the Triton tutorial runs fp16 only)")
     ap.add_argument("--tutorial", metavar="PATH",
                     help="the Triton tutorial's fused attention (python/tutorials/06-fused-attention.py of a Triton "
-                         "checkout), benchmarked as provider 'tutorial'; needs --dtype float16")
+                         "checkout), benchmarked as providers 'tutorial' (its default call) and 'tutorial_nows' (warp "
+                         "specialization off); needs --dtype float16")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = ap.parse_args()
     check_args(args, ap)

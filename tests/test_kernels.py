@@ -274,6 +274,26 @@ def test_one_launch_rule(monkeypatch):
         assert launch.use_one_launch(a, b, limit + 1, torch.bfloat16, torch.device("cpu"))
 
 
+def test_short_sequence_rule(monkeypatch):
+    # _SM90_SHORT: d64's dQ pass takes 64-row tiles up to 4K tokens, asked for with a seqlen (attn_bwd gives
+    # one only beside the Gluon dK/dV kernel); longer sequences, no seqlen, d128 and other passes keep the table
+    import kernels.launch as launch
+    monkeypatch.setattr(launch, "_capability", lambda index: (9, 0))
+    cuda, short = torch.device("cuda", 0), KernelConfig(64, 64, 4, 3)
+    for causal in (True, False):
+        table = launch.get_config("dq", 64, torch.bfloat16, cuda, causal)
+        assert table != short
+        assert launch.get_config("dq", 64, torch.float16, cuda, causal, 1024) == short
+        assert launch.get_config("dq", 64, torch.bfloat16, cuda, causal, 4096) == short
+        assert launch.get_config("dq", 64, torch.bfloat16, cuda, causal, 8192) == table
+        assert launch.get_config("dq", 128, torch.bfloat16, cuda, causal, 1024) == launch.get_config(
+            "dq", 128, torch.bfloat16, cuda, causal)
+        assert launch.get_config("dkdv", 64, torch.bfloat16, cuda, causal, 1024) == launch.get_config(
+            "dkdv", 64, torch.bfloat16, cuda, causal)
+    with override_configs(dq=KernelConfig(128, 32, 4, 3)):
+        assert launch.get_config("dq", 64, torch.bfloat16, cuda, True, 1024) == KernelConfig(128, 32, 4, 3)
+
+
 def _varlen_case(doc_lens_q, doc_lens_k, H, Hk, D, dtype, device, causal, window=(-1, -1), extra_rows=0):
     cu_q = torch.tensor([0] + doc_lens_q, device=device).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + doc_lens_k, device=device).cumsum(0).to(torch.int32)
@@ -631,12 +651,15 @@ def test_bench_tutorial_provider(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_attention
     stub = tmp_path / "fused_attention.py"
-    stub.write_text("calls = []\n\n\ndef attention(q, k, v, causal, sm_scale):\n"
-                    "    calls.append((causal, sm_scale))\n    return q\n")
+    stub.write_text("calls = []\n\n\ndef attention(q, k, v, causal, sm_scale, warp_specialize=True):\n"
+                    "    calls.append((causal, sm_scale, warp_specialize))\n    return q\n")
     attention = bench_attention.load_tutorial(stub)
-    layout, fn = bench_attention.make_providers(True, 64, False, tutorial=attention)["tutorial"]
+    providers = bench_attention.make_providers(True, 64, False, tutorial=attention)
     q = torch.zeros(1, 2, 8, 64)
-    assert layout == "bhnd" and fn(q, q, q) is q and attention.__globals__["calls"] == [(True, 0.125)]
+    for name in ("tutorial", "tutorial_nows"):
+        layout, fn = providers[name]
+        assert layout == "bhnd" and fn(q, q, q) is q
+    assert attention.__globals__["calls"] == [(True, 0.125, True), (True, 0.125, False)]
     assert "tutorial" not in bench_attention.make_providers(True, 64, False)
     with pytest.raises(ValueError, match="no such file"):
         bench_attention.load_tutorial(tmp_path / "missing.py")
@@ -645,7 +668,8 @@ def test_bench_tutorial_provider(tmp_path, monkeypatch, capsys):
         bench_attention.load_tutorial(tmp_path / "other.py")
     for argv, message in ((["--providers", "ours", "tutorial"], "needs --tutorial"),
                           (["--tutorial", str(stub), "--providers", "tutorial"], "fp16 only"),
-                          (["--dtype", "float16", "--tutorial", str(stub)], "not in --providers"),
+                          (["--providers", "tutorial_nows"], "needs --tutorial"),
+                          (["--dtype", "float16", "--tutorial", str(stub)], "is in --providers"),
                           (["--dtype", "float16", "--tutorial", str(tmp_path / "none.py"), "--providers", "tutorial"],
                            "no such file")):
         monkeypatch.setattr(sys, "argv", ["bench_attention.py", *argv])
