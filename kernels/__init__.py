@@ -1,7 +1,8 @@
 """Attention ops: our Triton FlashAttention (forward, recomputation backward) behind a flash-attn API.
 
 Read in this order: ``reference.py`` (PyTorch oracle and CPU path) -> ``mask.py`` (who sees whom)
--> ``flash_fwd.py`` / ``flash_bwd.py`` (Triton kernels) -> ``launch.py`` (launch parameters, grids)
+-> ``flash_fwd.py`` / ``flash_bwd.py`` (Triton kernels; ``flash_fwd_tma.py``: the forward for dense
+whole-tile inputs with TMA loads, opt-in) -> ``launch.py`` (launch parameters, grids)
 -> ``flash_attn.py`` (autograd Function, public functions). ``rope.py``: RoPE applied to the fused QKV
 projection, one Triton kernel each way (the model's CUDA path; ``model/rope.py`` is its reference).
 """

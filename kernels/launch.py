@@ -15,6 +15,7 @@ import triton
 
 from .dispatch import Cached, version
 from .flash_bwd import _attn_bwd, _attn_bwd_preprocess
+from . import flash_fwd_tma
 from .flash_fwd import _attn_fwd
 
 # The Gluon kernels are written against Triton 3.6's Gluon API, which is experimental and changes between
@@ -37,6 +38,7 @@ LOG2E = 1.4426950408889634
 # the ints the other arguments derive from (Cached adds the constexprs). The tensors allocated here are
 # contiguous, 16-byte aligned and shaped by the caller's, so they add nothing to the key.
 _FWD, _BWD, _BWD_PRE = Cached(_attn_fwd), Cached(_attn_bwd), Cached(_attn_bwd_preprocess)
+_FWD_TMA = Cached(flash_fwd_tma._attn_fwd_tma)
 
 
 def signature(*tensors):
@@ -118,6 +120,16 @@ def _setting(cell: list, value):
         yield
     finally:
         cell[0] = old
+
+
+# The forward with TMA loads for dense whole-tile inputs (kernels/flash_fwd_tma.py) where the Gluon forward does
+# not run: off until measured in the tree (a scratch version of it gained 14% at d64 causal 1K, session 16).
+_tma_fwd: list[bool] = [False]
+
+
+def override_tma_fwd(flag: bool):
+    """Whether the forward takes kernels/flash_fwd_tma.py's kernel for the inputs it supports (benchmarks, tests)."""
+    return _setting(_tma_fwd, flag)
 
 
 def override_atomic_dq(flag: bool):
@@ -287,6 +299,9 @@ def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
         flash_fwd_hopper.attn_fwd(q, k, v, out, lse, scale, causal=right == 0, key=key)
         return out, lse
     cfg = get_config("fwd", d_pad, q.dtype, q.device, right >= 0)
+    if _tma_fwd[0] and flash_fwd_tma.supported(q, k, v, left, right, varlen, cfg.BLOCK_M, cfg.BLOCK_N):
+        flash_fwd_tma.attn_fwd(_FWD_TMA, key, q, k, v, out, lse, scale, right == 0, cfg, _precision(q.dtype))
+        return out, lse
     num_m = triton.cdiv(seqlen_q, cfg.BLOCK_M)
     grid = (num_m * batch * nheads,)
     if grid[0] == 0:

@@ -6,6 +6,7 @@
     make bench ARGS="--dims 64 --causal 1 --seqlens 8192 --tokens 8192 --model-dim 768"  # GPT-2 small's
     make bench ARGS="--host-overhead --dims 64 --causal 0 --seqlens 256 --tokens 256 --providers ours sdpa_cudnn"
     make bench ARGS="--dtype float16 --tutorial PATH --providers ours tutorial tutorial_nows sdpa_cudnn"  # Triton's
+    make bench ARGS="--dims 64 --seqlens 1024 2048 --providers ours ours_tma ours_tma+fwd=64,64,4,2"  # TMA forward
 
 Grid as in the field (FlashAttention papers, docs/perf-notes.md): bf16, B * N = 16K tokens (B = 1 at
 N >= 16K), H * D = 2048. FLOPs: forward 4 * B * H * N^2 * D, halved when causal; forward+backward
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import flash_attn_func  # noqa: E402
 from kernels import flash_bwd_hopper, flash_fwd_hopper  # noqa: E402
 from kernels.launch import (KernelConfig, get_config, override_atomic_dq, override_configs,  # noqa: E402
-                            override_gluon, override_one_launch, parse_launch_spec)
+                            override_gluon, override_one_launch, override_tma_fwd, parse_launch_spec)
 
 TOKENS, MODEL_DIM = 16384, 2048
 
@@ -63,9 +64,9 @@ def variant(name, causal):
     these parameters (either or both); 'ours_atomic+ws=...' the same with deterministic=False (the Gluon
     backward with dQ fused, where it fuses it)."""
     base, *specs = name.split("+")
-    usage = (f"provider {name!r}: expected ours[_1launch|_2launch]+PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted] "
+    usage = (f"provider {name!r}: expected ours[_1launch|_2launch|_tma]+PASS=BLOCK_M,BLOCK_N,WARPS,STAGES[,counted] "
              "or ours[_atomic]+wsf=BLOCK_N,STAGES[+ws=BLOCK_M,STAGES]")
-    if base not in ("ours", "ours_atomic", "ours_1launch", "ours_2launch") or not specs:
+    if base not in ("ours", "ours_atomic", "ours_1launch", "ours_2launch", "ours_tma") or not specs:
         raise ValueError(usage)
     gluon = {}   # kernel module -> (block, stages)
     for spec in specs:
@@ -78,7 +79,7 @@ def variant(name, causal):
     if (gluon and len(gluon) != len(specs)) or (base == "ours_atomic" and not gluon):
         raise ValueError(usage)
     configs = {} if gluon else dict(parse_launch_spec(spec) for spec in specs)
-    one = {"ours": None, "ours_atomic": None, "ours_1launch": True, "ours_2launch": False}[base]
+    one = {"ours": None, "ours_atomic": None, "ours_1launch": True, "ours_2launch": False, "ours_tma": None}[base]
 
     @contextlib.contextmanager
     def context():
@@ -86,12 +87,21 @@ def variant(name, causal):
             stack.enter_context(override_configs(**configs))
             if one is not None:
                 stack.enter_context(override_one_launch(one))
+            if base == "ours_tma":
+                stack.enter_context(tma_forward())
             for module, launch in gluon.items():
                 stack.enter_context(module.override_launch(*launch))
             yield
     deterministic = base != "ours_atomic"
     return "bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=deterministic),
                                  context)
+
+
+@contextlib.contextmanager
+def tma_forward():
+    """The forward with TMA loads (kernels/flash_fwd_tma.py) where it takes the inputs, the Gluon forward off."""
+    with override_tma_fwd(True), override_gluon("dkdv"):
+        yield
 
 
 @contextlib.contextmanager
@@ -152,6 +162,8 @@ def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=(), tutori
         "ours_1launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), one_launch)),
         "ours_2launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
                                                lambda: override_one_launch(False))),
+        # the forward with TMA loads for dense whole-tile inputs (off by default: kernels/flash_fwd_tma.py)
+        "ours_tma": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), tma_forward)),
         "sdpa_flash": ("bhnd", sdpa(SDPBackend.FLASH_ATTENTION)),
         "sdpa_cudnn": ("bhnd", sdpa(SDPBackend.CUDNN_ATTENTION)),
         "standard": ("bhnd", lambda q, k, v: standard_attention(q, k, v, causal)),

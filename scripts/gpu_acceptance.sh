@@ -12,8 +12,9 @@
 # training step at 8K with our kernels (deterministic_attention false / true) and SDPA cuDNN, same machine,
 # then ours and cuDNN compiled with CUDA graphs (--compile reduce-overhead).
 # tutorial: the grid in fp16 (the Triton tutorial's kernel is fp16 only) with the tutorial (its default call and
-# warp specialization off) beside ours and cuDNN; TUTORIAL=path/to/06-fused-attention.py from a Triton checkout at the installed version (our tree
-# does not carry it).
+# warp specialization off) beside ours (also with the opt-in TMA forward, ours_tma) and cuDNN;
+# TUTORIAL=path/to/06-fused-attention.py from a Triton checkout at the installed version (our tree does not
+# carry it).
 set -uo pipefail
 OUT=${OUT:-gpu-results}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -59,7 +60,7 @@ for s in "${steps[@]}"; do
       done ;;
     tutorial)
       $PY scripts/bench_attention.py --dtype float16 --tutorial "${TUTORIAL:?set TUTORIAL to 06-fused-attention.py}" \
-        --providers ours ours_atomic tutorial tutorial_nows sdpa_cudnn --out "$OUT/tutorial" ${BENCH_ARGS:-} 2>&1 \
+        --providers ours ours_atomic ours_tma tutorial tutorial_nows sdpa_cudnn --out "$OUT/tutorial" ${BENCH_ARGS:-} 2>&1 \
         | grep -v '^{"D"' | tail -45 ;;
     *) echo "unknown step $s (tests | bench | train | memory | kernel | e2e | tutorial)"; exit 2 ;;
   esac

@@ -18,7 +18,9 @@ import triton
 
 import kernels.flash_attn as flash_attn_module
 from kernels import flash_attn_backward, flash_attn_func, flash_attn_varlen_func
-from kernels.launch import KernelConfig, override_atomic_dq, override_configs, override_one_launch
+from kernels import flash_fwd_tma
+from kernels.launch import (KernelConfig, override_atomic_dq, override_configs, override_gluon, override_one_launch,
+                            override_tma_fwd)
 from kernels.reference import attention_ref, blockwise_attention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,11 +64,17 @@ def check_against_oracle(kernel_fn, ref_fn, inputs, dlse=False):
     names = ["out", "lse", "dq", "dk", "dv"]
     for name, got, ref, low in zip(names, [got_out, got_lse, *got_g], [ref_out, ref_lse, *ref_g],
                                    [low_out, low_lse, *low_g]):
-        err, base = _max_err(got, ref), _max_err(low, ref)
-        # epsilon as flash-attn's tests: twice the rounding error of the dtype at the values' scale
-        finite = ref[torch.isfinite(ref)].to(q.dtype)
-        eps = 1e-5 + (2 * (finite + 0.3 - 0.3 - finite).abs().max().item() if finite.numel() else 0)
-        assert err <= 2 * base + eps, f"{name}: error {err:.3g} > 2 x {base:.3g} + {eps:.1g}"
+        assert_oracle_close(name, got, ref, low, q.dtype)
+
+
+def assert_oracle_close(name, got, ref, low, dtype):
+    """got's max error against the float64 ``ref`` is at most twice ``low``'s (the reference in ``dtype``)
+    plus an epsilon."""
+    err, base = _max_err(got, ref), _max_err(low, ref)
+    # epsilon as flash-attn's tests: twice the rounding error of the dtype at the values' scale
+    finite = ref[torch.isfinite(ref)].to(dtype)
+    eps = 1e-5 + (2 * (finite + 0.3 - 0.3 - finite).abs().max().item() if finite.numel() else 0)
+    assert err <= 2 * base + eps, f"{name}: error {err:.3g} > 2 x {base:.3g} + {eps:.1g}"
 
 
 def make_qkv(B, Nq, Nk, H, Hk, D, dtype, device, scale=1.0):
@@ -292,6 +300,64 @@ def test_short_sequence_rule(monkeypatch):
             "dkdv", 64, torch.bfloat16, cuda, causal)
     with override_configs(dq=KernelConfig(128, 32, 4, 3)):
         assert launch.get_config("dq", 64, torch.bfloat16, cuda, True, 1024) == KernelConfig(128, 32, 4, 3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 128, 2, 2, 64), (1, 256, 4, 2, 128)])   # (B, N, H, Hk, D); GQA in the second
+def test_tma_forward(shape, dtype, causal, device, monkeypatch):
+    # kernels/flash_fwd_tma.py (opt-in: override_tma_fwd): dense whole-tile inputs with Q/K/V tiles loaded by TMA
+    # descriptors; output and LSE against the float64 oracle, in fp16 the gradients through them too (in bf16
+    # the shared backward's dV misses the criterion at some of these shapes with either forward, session 16),
+    # and the kernel must have run
+    if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs Hopper or later")
+    calls = []
+    real = flash_fwd_tma.attn_fwd
+    monkeypatch.setattr(flash_fwd_tma, "attn_fwd", lambda *args: (calls.append(1), real(*args))[1])
+    B, N, H, Hk, D = shape
+    with override_tma_fwd(True), override_gluon("dkdv"):
+        if dtype == torch.float16:
+            check_batch(B, N, N, H, Hk, D, dtype, device, causal=causal)
+        else:
+            inputs = make_qkv(B, N, N, H, Hk, D, dtype, device)
+            got = flash_attn_func(*inputs, causal=causal, return_lse=True)
+            ref = attention_ref(*(t.double() for t in inputs), causal=causal)
+            low = attention_ref(*inputs, causal=causal)
+            for name, g, r, lo in zip(("out", "lse"), got, ref, low):
+                assert_oracle_close(name, g, r, lo, dtype)
+    assert calls
+
+
+def test_tma_forward_scope(device):
+    # what the TMA forward leaves to the pointer-load one: varlen, windows, Nq != Nk, ragged tiles, other head
+    # dims, fp32, a tile pair whose query tile is not a whole number of key tiles
+    q, k, v = make_qkv(1, 128, 128, 2, 2, 64, torch.float16, device)
+    if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        assert not flash_fwd_tma.supported(q, k, v, -1, 0, False, 64, 32)
+        pytest.skip("TMA needs Hopper or later")
+    assert flash_fwd_tma.supported(q, k, v, -1, 0, False, 64, 32)
+    assert flash_fwd_tma.supported(q, k, v, -1, -1, False, 128, 64)
+    assert not flash_fwd_tma.supported(q, k, v, -1, 0, True, 64, 32)
+    assert not flash_fwd_tma.supported(q, k, v, 16, 0, False, 64, 32)
+    assert not flash_fwd_tma.supported(q, k, v, -1, 8, False, 64, 32)
+    assert not flash_fwd_tma.supported(q, k, v, -1, 0, False, 32, 64)
+    q2, k2, v2 = make_qkv(1, 96, 96, 2, 2, 64, torch.float16, device)
+    assert not flash_fwd_tma.supported(q2, k2, v2, -1, 0, False, 64, 32)
+    q3, k3, v3 = make_qkv(1, 128, 256, 2, 2, 64, torch.float16, device)
+    assert not flash_fwd_tma.supported(q3, k3, v3, -1, 0, False, 64, 32)
+    q4, k4, v4 = make_qkv(1, 128, 128, 2, 2, 80, torch.float16, device)
+    assert not flash_fwd_tma.supported(q4, k4, v4, -1, 0, False, 64, 32)
+    q5, k5, v5 = make_qkv(1, 128, 128, 2, 2, 64, torch.float32, device)
+    assert not flash_fwd_tma.supported(q5, k5, v5, -1, 0, False, 64, 32)
+    # a head-sliced view reads as a strided (B * N, H * D) matrix; a sequence-sliced batch does not
+    q6 = torch.randn(1, 128, 4, 64, dtype=torch.float16, device=device)[:, :, :2]
+    assert flash_fwd_tma.supported(q6, k, v, -1, 0, False, 64, 32)
+    q7, k7, v7 = (t[:, :128] for t in make_qkv(2, 256, 256, 2, 2, 64, torch.float16, device))
+    assert not flash_fwd_tma.supported(q7, k7, v7, -1, 0, False, 64, 32)
+    # under the override the pointer-load forward still takes what is out of scope, with the same results
+    with override_tma_fwd(True), override_gluon("dkdv"):
+        check_batch(1, 96, 96, 2, 2, 64, torch.float16, device, causal=True)
 
 
 def _varlen_case(doc_lens_q, doc_lens_k, H, Hk, D, dtype, device, causal, window=(-1, -1), extra_rows=0):
@@ -642,6 +708,16 @@ def test_bench_repeats_table_and_variant_providers():
     _, fn = variant("ours_atomic+ws=64,3", True)   # deterministic=False: the fused backward's candidates
     with fn.context():
         assert flash_bwd_hopper.launch_config(128) == (64, 3)
+    # the TMA forward (kernels/flash_fwd_tma.py) with a forward candidate, the Gluon forward off meanwhile
+    import kernels.launch as launch
+    _, fn = variant("ours_tma+fwd=64,64,4,2", True)
+    with fn.context():
+        assert launch._tma_fwd[0] and launch._gluon_passes[0] == frozenset({"dkdv"})
+        assert launch.get_config("fwd", 64, torch.float16, torch.device("cuda"), True) == KernelConfig(64, 64, 4, 2)
+    assert not launch._tma_fwd[0] and launch._gluon_passes[0] == frozenset(launch.GLUON_PASSES)
+    assert callable(make_providers(True, 64, False)["ours_tma"][1].context)
+    with pytest.raises(ValueError, match="expected"):
+        variant("ours_tma+ws=64,3", True)
 
 
 def test_bench_tutorial_provider(tmp_path, monkeypatch, capsys):
