@@ -19,7 +19,7 @@ wherever measured, so the launcher runs it only when asked (``override_atomic_dq
 import triton
 import triton.language as tl
 
-from .flash_fwd import _dot
+from .flash_fwd import _cast, _dot
 from .mask import _kv_block_range, _q_block_range, _sequence_bounds, _tile_visible
 
 
@@ -98,12 +98,13 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_
         visT = _tile_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
                              HAS_LEFT, HAS_RIGHT)
         pT = tl.where(tl.trans(visT), pT, 0.0)
-    dv = _dot(pT.to(do.dtype), do, dv, PRECISION)
+    dv = _dot(_cast(pT, do.dtype, PRECISION), do, dv, PRECISION)
     dpT = _dot(v, tl.trans(do), None, PRECISION)       # (BLOCK_N, BLOCK_M)
     dsT = pT * (dpT - delta[None, :])
-    dk = _dot(dsT.to(q.dtype), q, dk, PRECISION)
+    dk = _dot(_cast(dsT, q.dtype, PRECISION), q, dk, PRECISION)
     if FUSED_DQ:   # this key block's share of dQ, added into the fp32 accumulator
-        dq = _dot(tl.trans(dsT.to(k.dtype)), k, None, PRECISION) * sm_scale      # (BLOCK_M, HEAD_DIM_PAD)
+        # (BLOCK_M, HEAD_DIM_PAD)
+        dq = _dot(tl.trans(_cast(dsT, k.dtype, PRECISION)), k, None, PRECISION) * sm_scale
         tl.atomic_add(dq_base + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :], dq,
                       mask=(offs_m[:, None] < seqlen_q) & d_mask, sem="relaxed")
     return dk, dv
@@ -207,9 +208,9 @@ def _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeql
         dk_base = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkn
         dv_base = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvn
         tl.store(dk_base + offs_c[:, None] * stride_dkn + offs_d[None, :],
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+                 _cast(dk * sm_scale, DK.dtype.element_ty, PRECISION), mask=kv_mask)
         tl.store(dv_base + offs_c[:, None] * stride_dvn + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+                 _cast(dv, DV.dtype.element_ty, PRECISION), mask=kv_mask)
 
 
 @triton.jit
@@ -242,7 +243,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
             p = tl.where(vis, p, 0.0)
         dp = _dot(do, tl.trans(v), None, PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, PRECISION)
+        dq = _dot(_cast(ds, k.dtype, PRECISION), k, dq, PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return dq
@@ -305,7 +306,7 @@ def _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqle
                                 window_right, qk_scale,
                                 BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT, PRECISION)
         tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_row0 * stride_dqm
-                 + offs_r[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                 + offs_r[:, None] * stride_dqm + offs_d[None, :], _cast(dq * sm_scale, DQ.dtype.element_ty, PRECISION),
                  mask=q_mask)
 
 

@@ -21,6 +21,17 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _cast(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """x.to(dtype). Under "upcast" (the interpreter with bf16) rounded to nearest even by hand first: Triton
+    3.6's interpreter truncates fp32 -> bf16 (half the values land one ulp low), where the GPU rounds."""
+    if PRECISION == "upcast":
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    return x.to(dtype)
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                     offs_m, offs_d, start, end, seqlen_q, seqlen_k, window_left, window_right,
                     qk_scale,
@@ -62,7 +73,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=d_mask, other=0.0)
-        acc = _dot(p.to(v.dtype), v, acc, PRECISION)
+        acc = _dot(_cast(p, v.dtype, PRECISION), v, acc, PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -139,7 +150,7 @@ def _attn_fwd(Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK,
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     o_base = Out + b64 * stride_ob + q_row0 * stride_om + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_r[:, None] * stride_om + offs_d[None, :], acc.to(Out.dtype.element_ty),
+    tl.store(o_base + offs_r[:, None] * stride_om + offs_d[None, :], _cast(acc, Out.dtype.element_ty, PRECISION),
              mask=q_mask)
     lse_base = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_row0
     tl.store(lse_base + offs_r, lse, mask=row_ok)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_fwd import _dot
+from .flash_fwd import _cast, _dot
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -45,7 +45,7 @@ def _tile(acc, l_i, m_i, q, k_desc, v_desc, row0, k_col, start_n, offs_m, qk_sca
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     v = v_desc.load([row0 + start_n, k_col])
-    acc = _dot(p.to(v.dtype), v, acc, PRECISION)
+    acc = _dot(_cast(p, v.dtype, PRECISION), v, acc, PRECISION)
     return acc, l_i, m_new
 
 
@@ -79,7 +79,7 @@ def _attn_fwd_tma(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seqlen, num_m_b
                                   BLOCK_N, True, PRECISION)
 
     acc = acc / l_i[:, None]
-    o_desc.store([row0 + start_m, h * HEAD_DIM], acc.to(o_desc.dtype))
+    o_desc.store([row0 + start_m, h * HEAD_DIM], _cast(acc, o_desc.dtype, PRECISION))
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse)
 

@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 import kernels.flash_attn as flash_attn_module
 from kernels import flash_attn_backward, flash_attn_func, flash_attn_varlen_func
+import kernels.launch as launch_module
 from kernels import flash_fwd_tma
+from kernels.flash_fwd import _cast
 from kernels.launch import (KernelConfig, override_atomic_dq, override_configs, override_gluon, override_one_launch,
                             override_tma_fwd)
 from kernels.reference import attention_ref, blockwise_attention
@@ -64,17 +67,11 @@ def check_against_oracle(kernel_fn, ref_fn, inputs, dlse=False):
     names = ["out", "lse", "dq", "dk", "dv"]
     for name, got, ref, low in zip(names, [got_out, got_lse, *got_g], [ref_out, ref_lse, *ref_g],
                                    [low_out, low_lse, *low_g]):
-        assert_oracle_close(name, got, ref, low, q.dtype)
-
-
-def assert_oracle_close(name, got, ref, low, dtype):
-    """got's max error against the float64 ``ref`` is at most twice ``low``'s (the reference in ``dtype``)
-    plus an epsilon."""
-    err, base = _max_err(got, ref), _max_err(low, ref)
-    # epsilon as flash-attn's tests: twice the rounding error of the dtype at the values' scale
-    finite = ref[torch.isfinite(ref)].to(dtype)
-    eps = 1e-5 + (2 * (finite + 0.3 - 0.3 - finite).abs().max().item() if finite.numel() else 0)
-    assert err <= 2 * base + eps, f"{name}: error {err:.3g} > 2 x {base:.3g} + {eps:.1g}"
+        err, base = _max_err(got, ref), _max_err(low, ref)
+        # epsilon as flash-attn's tests: twice the rounding error of the dtype at the values' scale
+        finite = ref[torch.isfinite(ref)].to(q.dtype)
+        eps = 1e-5 + (2 * (finite + 0.3 - 0.3 - finite).abs().max().item() if finite.numel() else 0)
+        assert err <= 2 * base + eps, f"{name}: error {err:.3g} > 2 x {base:.3g} + {eps:.1g}"
 
 
 def make_qkv(B, Nq, Nk, H, Hk, D, dtype, device, scale=1.0):
@@ -282,6 +279,26 @@ def test_one_launch_rule(monkeypatch):
         assert launch.use_one_launch(a, b, limit + 1, torch.bfloat16, torch.device("cpu"))
 
 
+@triton.jit
+def _cast_kernel(X, Y, N: tl.constexpr, PRECISION: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, _cast(tl.load(X + offs), Y.dtype.element_ty, PRECISION))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")   # the interpreter's numpy, -3e38 -> fp16 -inf
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_casts_round_to_nearest(dtype, device):
+    # the kernels' fp32 -> input-dtype casts (P before P @ V, dS, the stored outputs) round to nearest even, as
+    # torch and the GPU do; Triton 3.6's interpreter truncates to bf16, so kernels/flash_fwd.py's _cast rounds
+    # by hand there (PRECISION "upcast"): ties, signs, tiny and huge values
+    x = torch.cat([torch.randn(2000) * 10, torch.rand(2000) * 3 + 1,
+                   torch.tensor([0.0, -0.0, 1.0, 1.00390625, 1.01171875, -1.00390625, 1e-30, -3e38, 65504.0])])
+    x = torch.nn.functional.pad(x, (0, 4096 - x.numel())).to(device)
+    y = torch.empty(4096, dtype=dtype, device=device)
+    _cast_kernel[(1,)](x, y, N=4096, PRECISION=launch_module._precision(dtype))
+    assert torch.equal(y, x.to(dtype))
+
+
 def test_short_sequence_rule(monkeypatch):
     # _SM90_SHORT: d64's dQ pass takes 64-row tiles up to 4K tokens, asked for with a seqlen (attn_bwd gives
     # one only beside the Gluon dK/dV kernel); longer sequences, no seqlen, d128 and other passes keep the table
@@ -307,9 +324,8 @@ def test_short_sequence_rule(monkeypatch):
 @pytest.mark.parametrize("shape", [(2, 128, 2, 2, 64), (1, 256, 4, 2, 128)])   # (B, N, H, Hk, D); GQA in the second
 def test_tma_forward(shape, dtype, causal, device, monkeypatch):
     # kernels/flash_fwd_tma.py (opt-in: override_tma_fwd): dense whole-tile inputs with Q/K/V tiles loaded by TMA
-    # descriptors; output and LSE against the float64 oracle, in fp16 the gradients through them too (in bf16
-    # the shared backward's dV misses the criterion at some of these shapes with either forward, session 16),
-    # and the kernel must have run
+    # descriptors; output, LSE and the gradients through them against the float64 oracle, and the kernel must
+    # have run
     if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs Hopper or later")
     calls = []
@@ -317,15 +333,7 @@ def test_tma_forward(shape, dtype, causal, device, monkeypatch):
     monkeypatch.setattr(flash_fwd_tma, "attn_fwd", lambda *args: (calls.append(1), real(*args))[1])
     B, N, H, Hk, D = shape
     with override_tma_fwd(True), override_gluon("dkdv"):
-        if dtype == torch.float16:
-            check_batch(B, N, N, H, Hk, D, dtype, device, causal=causal)
-        else:
-            inputs = make_qkv(B, N, N, H, Hk, D, dtype, device)
-            got = flash_attn_func(*inputs, causal=causal, return_lse=True)
-            ref = attention_ref(*(t.double() for t in inputs), causal=causal)
-            low = attention_ref(*inputs, causal=causal)
-            for name, g, r, lo in zip(("out", "lse"), got, ref, low):
-                assert_oracle_close(name, g, r, lo, dtype)
+        check_batch(B, N, N, H, Hk, D, dtype, device, causal=causal)
     assert calls
 
 
