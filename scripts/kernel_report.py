@@ -4,6 +4,7 @@ serialized tensor-core instructions, per kernel and launch configuration.
     python scripts/kernel_report.py                                   # Hopper table entries, d64/d128
     python scripts/kernel_report.py --dims 128 --passes dkdv --config dkdv=64,128,8,3,counted
     python scripts/kernel_report.py --passes fwd_ws dkdv_ws bwd_ws --ws 64,3  # the Gluon kernels (dK/dV tiles, ring)
+    python scripts/kernel_report.py --passes fwd_tma --config fwd=64,64,4,2    # the TMA forward with these tiles
 
 Each kernel is compiled for sm_90a as the launcher would launch it on the benchmark's shapes (bf16,
 H * D = 2048, row strides divisible by 16), then its PTX goes through the ptxas Triton itself uses
@@ -34,6 +35,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import flash_fwd_tma  # noqa: E402
 from kernels.flash_bwd import _attn_bwd  # noqa: E402
 from kernels.flash_fwd import _attn_fwd  # noqa: E402
 from kernels.launch import KernelConfig, hopper_config, parse_launch_spec  # noqa: E402
@@ -46,8 +48,11 @@ MODEL_DIM = 2048                                   # as scripts/bench_attention.
 # parameters' warps and stages), compiled with the dkdv and dq entries' tiles
 # "fwd_ws", "dkdv_ws", "bwd_ws": the warp-specialized Gluon kernels (kernels/flash_{fwd,bwd}_hopper.py), with
 # their own launch parameters (--ws sets the backward's); bwd_ws is the backward with dQ fused (TMA reduce-add)
+# "fwd_tma": the forward with TMA loads for dense whole-tile inputs (kernels/flash_fwd_tma.py, opt-in), with the
+# fwd entry's parameters
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd, "dq": _attn_bwd, "bwd": _attn_bwd,
-           "fwd_ws": fws._attn_fwd_hopper, "dkdv_ws": ws._attn_bwd_hopper, "bwd_ws": ws._attn_bwd_hopper}
+           "fwd_ws": fws._attn_fwd_hopper, "dkdv_ws": ws._attn_bwd_hopper, "bwd_ws": ws._attn_bwd_hopper,
+           "fwd_tma": flash_fwd_tma._attn_fwd_tma}
 FP32_POINTERS = {"LSE", "Delta", "DLse"}
 
 
@@ -94,14 +99,36 @@ def tool(name: str) -> str:
     return str(path)
 
 
+def _bind_and_compile(fn, source_cls, args, kwargs):
+    """Compile `fn` for sm_90a with these launch arguments, bound by Triton's own argument binder (what the JIT
+    would specialize them to at launch)."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    options, sig, cons, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(source_cls(fn, sig, cons, attrs), target=target, options=options.__dict__)
+
+
+def compile_tma(d: int, causal: bool, cfg: KernelConfig):
+    """kernels/flash_fwd_tma.py's forward as its launcher would launch it on the benchmark's shapes (1K tokens)."""
+    heads, n = MODEL_DIM // d, 1024
+    q, k, v, o = (torch.empty(1, n, heads, d, dtype=torch.bfloat16) for _ in range(4))
+    lse = torch.empty(1, heads, n)
+    desc = flash_fwd_tma._descriptor
+    args = (desc(q, cfg.BLOCK_M), desc(k, cfg.BLOCK_N), desc(v, cfg.BLOCK_N), desc(o, cfg.BLOCK_M), lse, 0.1, n,
+            n // cfg.BLOCK_M, lse.stride(0), lse.stride(1))
+    kwargs = dict(NUM_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, CAUSAL=causal,
+                  PRECISION="tf32", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return _bind_and_compile(KERNELS["fwd_tma"], ASTSource, args, kwargs)
+
+
 def compile_gluon(pass_name: str, d: int, causal: bool):
     """A Gluon kernel ("fwd_ws", "dkdv_ws" or "bwd_ws") compiled for sm_90a as its launcher would launch it on the
     benchmark's shapes: the arguments are built on the CPU and bound by Triton's own argument binder.
     Returns the compiled kernel and its launch parameters as a KernelConfig (BLOCK_M, BLOCK_N, 4, STAGES)."""
-    from triton.compiler import make_backend
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
-    fn, target = KERNELS[pass_name], GPUTarget("cuda", 90, 32)
     heads, n = MODEL_DIM // d, 1024
     q, k, v, do = (torch.empty(1, n, heads, d, dtype=torch.bfloat16) for _ in range(4))
     lse = torch.empty(1, heads, n)
@@ -123,10 +150,7 @@ def compile_gluon(pass_name: str, d: int, causal: bool):
         kwargs = dict(NUM_KV_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_M=block_m, STAGES=stages, CAUSAL=causal,
                       FUSED_DQ=fused)
     kwargs.update(num_warps=4, maxnreg=MAXNREG)
-    backend = make_backend(target)
-    bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
-    options, sig, cons, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(GluonASTSource(fn, sig, cons, attrs), target=target, options=options.__dict__), cfg
+    return _bind_and_compile(KERNELS[pass_name], GluonASTSource, args, kwargs), cfg
 
 
 def report(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: KernelConfig | None = None) -> dict:
@@ -134,6 +158,8 @@ def report(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: Kern
     fn = KERNELS[pass_name]
     if pass_name.endswith("_ws"):
         compiled, cfg = compile_gluon(pass_name, d, causal)
+    elif pass_name == "fwd_tma":
+        compiled = compile_tma(d, causal, cfg)
     else:
         compiled = triton.compile(ASTSource(fn, *signature(fn, constexprs(pass_name, d, causal, cfg, cfg_dq or cfg))),
                                   target=GPUTarget("cuda", 90, 32),
@@ -206,7 +232,8 @@ def main(argv=None) -> int:
     for d in args.dims:
         for causal in map(bool, args.causal):
             for pass_name in args.passes:
-                table = {"bwd": "dkdv", "dkdv_ws": "dkdv", "bwd_ws": "dkdv", "fwd_ws": "fwd"}.get(pass_name, pass_name)
+                table = {"bwd": "dkdv", "dkdv_ws": "dkdv", "bwd_ws": "dkdv", "fwd_ws": "fwd",
+                         "fwd_tma": "fwd"}.get(pass_name, pass_name)
                 cfg = chosen.get(table) or hopper_config(table, d, causal)
                 r = report(pass_name, d, causal, cfg, chosen.get("dq") or hopper_config("dq", d, causal))
                 rows.append(r)

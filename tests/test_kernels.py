@@ -632,6 +632,21 @@ def test_kernel_report_compiles_for_hopper():
     assert bad.returncode == 2 and "--config 'dkdv=64,128': expected PASS=BLOCK_M,BLOCK_N,WARPS,STAGES" in bad.stderr
 
 
+@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists(),
+                    reason="this Triton has no bundled ptxas")
+def test_kernel_report_compiles_the_tma_forward():
+    # kernels/flash_fwd_tma.py (no GPU run yet) compiles for sm_90a with TMA descriptors for its arguments, its
+    # wgmma unserialized and nothing spilled, at the tutorial's 64x64 tiles
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_report.py"), "--dims", "64", "--causal", "1",
+                          "--passes", "fwd_tma", "--config", "fwd=64,64,4,2", "--json"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["pass_name"] == "fwd_tma" and r["config"]["BLOCK_M"] == 64 and 0 < r["registers"] <= 255
+    assert not r["serialized_wgmma"] and r["hgmma"] > 0 and r["spill_stores"] == r["spill_loads"] == 0
+
+
 def test_bench_kernel_times_labels_repeated_launches():
     # scripts/bench_attention.py --profile-seqlens: a kernel launched twice per step (our two-launch
     # backward) is reported per launch, in launch order
