@@ -614,35 +614,38 @@ def test_cu_seqlens_checked_again_after_in_place_change(device):
         flash_attn_varlen_func(q, k, v, cu, cu, 6, 6)
 
 
-@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists(),
-                    reason="this Triton has no bundled ptxas")
+needs_ptxas = pytest.mark.skipif(not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists(),
+                                 reason="this Triton has no bundled ptxas")
+
+
+def kernel_report(*args):
+    """scripts/kernel_report.py run without the interpreter: (the completed process, its last JSON row or None)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_report.py"), *args],
+                         capture_output=True, text=True, env=env, timeout=600)
+    rows = out.stdout.strip().splitlines() if out.returncode == 0 and "--json" in args else []
+    return out, json.loads(rows[-1]) if rows else None
+
+
+@needs_ptxas
 def test_kernel_report_compiles_for_hopper():
     # scripts/kernel_report.py compiles for sm_90a without a GPU: the counted dK/dV loop at d128 runs its
     # wgmma unserialized (a few waits, not one per HGMMA) and the report reads registers and spills
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_report.py"), "--dims", "128", "--causal", "0",
-                          "--passes", "dkdv", "--config", "dkdv=64,128,8,3,counted", "--json"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out, r = kernel_report("--dims", "128", "--causal", "0", "--passes", "dkdv", "--config", "dkdv=64,128,8,3,counted",
+                           "--json")
     assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["pass_name"] == "dkdv" and r["config"]["counted"] and 0 < r["registers"] <= 255
     assert not r["serialized_wgmma"] and r["hgmma"] > 0 and r["depbar"] < r["hgmma"]
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_report.py"), "--config", "dkdv=64,128"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    bad, _ = kernel_report("--config", "dkdv=64,128")
     assert bad.returncode == 2 and "--config 'dkdv=64,128': expected PASS=BLOCK_M,BLOCK_N,WARPS,STAGES" in bad.stderr
 
 
-@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists(),
-                    reason="this Triton has no bundled ptxas")
+@needs_ptxas
 def test_kernel_report_compiles_the_tma_forward():
     # kernels/flash_fwd_tma.py (no GPU run yet) compiles for sm_90a with TMA descriptors for its arguments, its
     # wgmma unserialized and nothing spilled, at the tutorial's 64x64 tiles
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_report.py"), "--dims", "64", "--causal", "1",
-                          "--passes", "fwd_tma", "--config", "fwd=64,64,4,2", "--json"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out, r = kernel_report("--dims", "64", "--causal", "1", "--passes", "fwd_tma", "--config", "fwd=64,64,4,2", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["pass_name"] == "fwd_tma" and r["config"]["BLOCK_M"] == 64 and 0 < r["registers"] <= 255
     assert not r["serialized_wgmma"] and r["hgmma"] > 0 and r["spill_stores"] == r["spill_loads"] == 0
 
