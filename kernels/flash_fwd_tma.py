@@ -84,8 +84,10 @@ def _attn_fwd_tma(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seqlen, num_m_b
     tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse)
 
 
-def _rows_view_ok(t: torch.Tensor) -> bool:
-    """(B, N, H, D) whose rows read as a (B * N, H * D) matrix with 16-byte aligned rows (what TMA needs)."""
+def rows_view_ok(t: torch.Tensor) -> bool:
+    """(B, N, H, D) addressable as a (B * N, H * D) row view: contiguous heads, rows of whole batches,
+    16-byte aligned rows (TMA). The Gluon kernels' scope (kernels/hopper.py) uses it too; it lives here because
+    this module loads with any Triton, the Gluon ones only with 3.6."""
     b, n, h, d = t.shape
     s_b, s_n, s_h, s_d = t.stride()
     return (s_d == 1 and s_h == d and (b == 1 or s_b == n * s_n) and (s_n * t.element_size()) % 16 == 0
@@ -106,7 +108,7 @@ def supported(q, k, v, left: int, right: int, varlen: bool, block_m: int, block_
                                            else torch.cuda.current_device()))
             and q.dtype in (torch.float16, torch.bfloat16) and d in (64, 128) and k.shape[1] == n
             and n % block_m == 0 and n % block_n == 0 and block_m % block_n == 0
-            and all(map(_rows_view_ok, (q, k, v))))
+            and all(map(rows_view_ok, (q, k, v))))
 
 
 def _descriptor(t: torch.Tensor, rows: int):

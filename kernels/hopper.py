@@ -17,6 +17,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .flash_fwd_tma import rows_view_ok
+
 SEQ_MULTIPLE = 128   # both kernels tile the sequence in blocks of 128 (two warpgroups of 64 rows)
 # Causal sequences shorter than this run the Triton backward. The first versions of the Gluon dK/dV kernel were
 # slower than the Triton one at 1K; today's is faster there too (H200, causal 1K, B 16, GPU time per fwd+bwd
@@ -31,15 +33,6 @@ CONSUMER_REGS = gl.constexpr(240)  # each consumer warpgroup's registers per thr
 def warpgroup_layout(n):
     """The registers of one warpgroup's wgmma accumulator: 64 rows (four warps of 16) by n columns."""
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
-
-
-def rows_view_ok(t: torch.Tensor) -> bool:
-    """(B, N, H, D) addressable as a (B * N, H * D) row view: contiguous heads, rows of whole batches,
-    16-byte aligned rows (TMA)."""
-    b, n, h, d = t.shape
-    s_b, s_n, s_h, s_d = t.stride()
-    return (s_d == 1 and s_h == d and (b == 1 or s_b == n * s_n) and (s_n * t.element_size()) % 16 == 0
-            and t.data_ptr() % 16 == 0)
 
 
 def shapes_in_scope(tensors, left: int, right: int, varlen: bool, min_causal: int = MIN_CAUSAL_SEQLEN) -> bool:
