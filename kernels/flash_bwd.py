@@ -1,13 +1,14 @@
 """FlashAttention backward in Triton: recompute P from Q, K and the saved LSE; nothing N x N is stored.
 
-``_attn_bwd_preprocess`` first: delta = rowsum(dO * O) (minus dLSE when the LSE itself gets a
-gradient, since d lse_i / d s_ij = p_ij). Then ``_attn_bwd``, whose programs are of two kinds:
+delta = rowsum(dO * O) (minus dLSE when the LSE itself gets a gradient, since d lse_i / d s_ij = p_ij)
+first: by ``_attn_bwd_preprocess``, or by the dQ programs as they start (``PREPROCESS``) when the dQ pass
+runs on its own before the dK/dV pass. ``_attn_bwd``'s programs are of two kinds:
 - dK/dV programs (``_attn_bwd_dkdv_program``): one per key block of one KV head; each walks every
   query head of its GQA group and the query blocks that see it, so dK/dV are summed over the group
   in fp32 registers with no atomics.
 - dQ programs (``_attn_bwd_dq_program``): one per query block; each walks the key blocks like the
   forward.
-The launcher runs them as two launches (dK/dV, then dQ) or as one grid holding both kinds
+The launcher runs them as two launches (dQ with the preprocess, then dK/dV) or as one grid holding both kinds
 (``PROGRAMS="both"``, as FlexAttention's backward); ``use_one_launch`` in kernels/launch.py picks
 (one launch for small grids on Hopper, where the two kinds fill each other's tails).
 Seven matrix products per tile pair instead of five with an atomic fp32 dQ: deterministic, and each
@@ -250,17 +251,21 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
 
 
 @triton.jit
-def _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK,
+def _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, Out, DLse, Lse2, CuSeqlensQ, CuSeqlensK,
                          sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_m_blocks,
                          stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                          stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
-                         stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                         stride_dqb, stride_dqm, stride_dqh, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """dQ of one query block of one head (program `pid` of the dQ grid; longest rows first)."""
+                         PRECISION: tl.constexpr, PREPROCESS: tl.constexpr, HAS_DLSE: tl.constexpr,
+                         WRITE_LSE2: tl.constexpr):
+    """dQ of one query block of one head (program `pid` of the dQ grid; longest rows first). PREPROCESS: the
+    preprocess's work for these rows too, for the dK/dV pass that follows (Delta from Out and DOut, less DLse
+    when HAS_DLSE; with WRITE_LSE2 also Lse2, the Gluon kernel's base-2 LSE), instead of a launch of
+    _attn_bwd_preprocess."""
     pid_bh = pid // num_m_blocks
     pid_m = num_m_blocks - 1 - pid % num_m_blocks
     b = pid_bh // NUM_HEADS
@@ -284,8 +289,18 @@ def _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqle
                      + offs_r[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
         l_off = b64 * stride_lb + h64 * stride_lh + q_row0 + offs_r
         lse = tl.load(LSE + l_off, mask=row_ok, other=0.0)
-        delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        if PREPROCESS:   # as _attn_bwd_preprocess computes them
+            o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + q_row0 * stride_om
+                        + offs_r[:, None] * stride_om + offs_d[None, :], mask=q_mask, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            if HAS_DLSE:
+                delta -= tl.load(DLse + l_off, mask=row_ok, other=0.0)
+            tl.store(Delta + l_off, delta, mask=row_ok)
+            if WRITE_LSE2:
+                tl.store(Lse2 + l_off, lse2, mask=row_ok)
+        else:
+            delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
         k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_kn + hk.to(tl.int64) * stride_kh
         v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vn + hk.to(tl.int64) * stride_vh
         dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
@@ -311,7 +326,7 @@ def _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqle
 
 
 @triton.jit
-def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
+def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, Out, DLse, Lse2, CuSeqlensQ, CuSeqlensK,
               sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right,
               num_n_blocks, num_m_blocks, num_dkdv_programs,
               stride_qb, stride_qm, stride_qh,
@@ -321,16 +336,19 @@ def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
               stride_dkb, stride_dkn, stride_dkh,
               stride_dvb, stride_dvn, stride_dvh,
               stride_dqb, stride_dqm, stride_dqh,
+              stride_ob, stride_om, stride_oh,
               stride_lb, stride_lh,
               NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr, PROGRAMS: tl.constexpr):
+              PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr, PROGRAMS: tl.constexpr,
+              PREPROCESS: tl.constexpr, HAS_DLSE: tl.constexpr, WRITE_LSE2: tl.constexpr):
     """The backward's grid. PROGRAMS "dkdv": every program is a dK/dV program (BLOCK_M1 x BLOCK_N1
     tiles; with FUSED_DQ it also adds dQ into the fp32 DQ); "dq": every program is a dQ program
-    (BLOCK_M2 x BLOCK_N2); "both": the first num_dkdv_programs are dK/dV programs and the rest dQ
-    programs, one launch for the whole backward (as FlexAttention's)."""
+    (BLOCK_M2 x BLOCK_N2), with PREPROCESS also writing Delta and Lse2 for a dK/dV pass that follows it;
+    "both": the first num_dkdv_programs are dK/dV programs and the rest dQ programs, one launch for the whole
+    backward (as FlexAttention's). Out, DLse, Lse2 and Out's strides are used only under PREPROCESS."""
     tl.static_assert(BLOCK_M1 >= 16 and BLOCK_N1 >= 16 and BLOCK_M2 >= 16 and BLOCK_N2 >= 16)
     tl.static_assert(HEAD_DIM_PAD >= 16)
     pid = tl.program_id(0)
@@ -340,6 +358,7 @@ def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
         dq_pid = pid - num_dkdv_programs
     else:   # a compile-time choice: the other kind's code is not generated
         tl.static_assert(PROGRAMS == "dkdv" or PROGRAMS == "dq")
+        tl.static_assert(PROGRAMS == "dq" or not PREPROCESS)
         is_dkdv = PROGRAMS == "dkdv"
         dq_pid = pid
     if is_dkdv:
@@ -352,10 +371,10 @@ def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
                                NUM_HEADS // GROUP, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M1, BLOCK_N1,
                                IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ, COUNTED)
     else:
-        _attn_bwd_dq_program(dq_pid, Q, K, V, DOut, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK,
+        _attn_bwd_dq_program(dq_pid, Q, K, V, DOut, LSE, Delta, DQ, Out, DLse, Lse2, CuSeqlensQ, CuSeqlensK,
                              sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_m_blocks,
                              stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                              stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
-                             stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
+                             stride_dqb, stride_dqm, stride_dqh, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
                              NUM_HEADS, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M2, BLOCK_N2,
-                             IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION)
+                             IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, PREPROCESS, HAS_DLSE, WRITE_LSE2)

@@ -50,16 +50,10 @@ def _tile(acc, l_i, m_i, q, k_desc, v_desc, row0, k_col, start_n, offs_m, qk_sca
 
 
 @triton.jit
-def _attn_fwd_tma(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seqlen, num_m_blocks, stride_lb, stride_lh,
-                  NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    # grid (query blocks, batch * heads); causal: the longest rows first, as in flash_fwd.py
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = num_m_blocks - 1 - pid_m
-    pid_bh = tl.program_id(1)
-    b = pid_bh // NUM_HEADS
-    h = pid_bh % NUM_HEADS
+def _query_block(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seqlen, pid_m, b, h, stride_lb, stride_lh,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Output and LSE of query block ``pid_m`` of head ``h`` of sequence ``b``."""
     row0 = b * seqlen
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -82,6 +76,28 @@ def _attn_fwd_tma(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seqlen, num_m_b
     o_desc.store([row0 + start_m, h * HEAD_DIM], _cast(acc, o_desc.dtype, PRECISION))
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m, lse)
+
+
+@triton.jit
+def _attn_fwd_tma(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seqlen, num_m_blocks, stride_lb, stride_lh,
+                  NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    # grid (query blocks, batch * heads); causal: (ceil(query blocks / 2), batch * heads), each program folding
+    # the i-th longest and the i-th shortest query block of its head (one block where they meet), so every
+    # program visits the same number of key tiles (at d64 causal 4K: 373 vs 362 TFLOP/s unfolded, session 17)
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NUM_HEADS
+    h = pid_bh % NUM_HEADS
+    if CAUSAL:
+        _query_block(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seqlen, num_m_blocks - 1 - pid, b, h,
+                     stride_lb, stride_lh, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
+        if pid < num_m_blocks - 1 - pid:
+            _query_block(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seqlen, pid, b, h,
+                         stride_lb, stride_lh, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
+    else:
+        _query_block(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seqlen, pid, b, h,
+                     stride_lb, stride_lh, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, PRECISION)
 
 
 def rows_view_ok(t: torch.Tensor) -> bool:
@@ -121,7 +137,7 @@ def attn_fwd(launch, key, q, k, v, out, lse, scale: float, causal: bool, cfg, pr
     through ``launch`` (kernels/dispatch.py's Cached of ``_attn_fwd_tma``) with its caller's ``key``."""
     batch, seqlen, nheads, head_dim = q.shape
     num_m = seqlen // cfg.BLOCK_M
-    launch(key, (num_m, batch * nheads),
+    launch(key, ((num_m + 1) // 2 if causal else num_m, batch * nheads),
            _descriptor(q, cfg.BLOCK_M), _descriptor(k, cfg.BLOCK_N), _descriptor(v, cfg.BLOCK_N),
            _descriptor(out, cfg.BLOCK_M), lse, scale * 1.4426950408889634, seqlen, num_m,
            lse.stride(0), lse.stride(1),

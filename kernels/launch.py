@@ -70,11 +70,13 @@ _SM90 = {
 # Where the best parameters differ without the causal mask: {(pass, head dim): config}.
 _SM90_NONCAUSAL: dict[tuple[str, int], KernelConfig] = {("dkdv", 128): KernelConfig(64, 128, 8, 3, counted=True)}
 # Up to a sequence length, where other parameters measured faster beside the Gluon dK/dV kernel (the only
-# path that asks for them, kernels/flash_bwd_hopper.py): {(pass, head dim): (longest seqlen, config)}.
+# path that asks for them, kernels/flash_bwd_hopper.py): {(pass, head dim, causal): (longest seqlen, config)}.
 # d64 dQ with 64-row tiles and 4 warps, H200 fp16, fwd+bwd TFLOP/s against the 128-row entry
 # (docs/bench/h200-d64-short-sweep-fp16-2026-11-30o.json): causal 1K 228 vs 220, 2K 280 vs 272, 4K 316 vs 303;
-# full 1K 302 vs 293, 2K 330 vs 324, 4K 353 vs 342. At 8K level (causal 338 vs 334) or behind (full).
-_SM90_SHORT: dict[tuple[str, int], tuple[int, KernelConfig]] = {("dq", 64): (4096, KernelConfig(64, 64, 4, 3))}
+# full 1K 302 vs 293, 2K 330 vs 324, 4K 353 vs 342; at full 8K behind. Causal 8K and 16K with the dQ pass run
+# first (session 17, h200-d64-dq-8k-sweep-fp16-2026-11-30q.txt): 341 vs 333, 362 vs 354.
+_SM90_SHORT: dict[tuple[str, int, bool], tuple[int, KernelConfig]] = {
+    ("dq", 64, True): (16384, KernelConfig(64, 64, 4, 3)), ("dq", 64, False): (4096, KernelConfig(64, 64, 4, 3))}
 # Ampere / Ada and anything else: less shared memory, so shallower pipelines.
 _GENERIC = {
     "fwd": {64: KernelConfig(128, 64, 4, 2), 128: KernelConfig(128, 32, 8, 2),
@@ -122,14 +124,32 @@ def _setting(cell: list, value):
         cell[0] = old
 
 
-# The forward with TMA loads for dense whole-tile inputs (kernels/flash_fwd_tma.py) where the Gluon forward does
-# not run: off until measured in the tree (a scratch version of it gained 14% at d64 causal 1K, session 16).
-_tma_fwd: list[bool] = [False]
+# The forward with TMA loads for dense whole-tile inputs (kernels/flash_fwd_tma.py): on Hopper, bf16/fp16, at
+# these (head dim, causal) up to the length given, with these tiles, ahead of the Gluon forward (from 4K at d64)
+# and of the pointer-load one (H200 fp16, d64: causal 1K/2K/4K 294/337/373 vs pointer 258/312, Gluon 358;
+# no mask 1K/2K 372/393 vs 365/388, docs/perf-notes.md session 17). Not at d128, where the Gluon forward runs
+# from 128 tokens and was not measured against it.
+_SM90_TMA_FWD = {(64, True): (4096, KernelConfig(64, 64, 4, 2)), (64, False): (2048, KernelConfig(128, 64, 8, 3))}
+_tma_fwd: list[bool | None] = [None]
 
 
-def override_tma_fwd(flag: bool):
-    """Whether the forward takes kernels/flash_fwd_tma.py's kernel for the inputs it supports (benchmarks, tests)."""
+def override_tma_fwd(flag: bool | None):
+    """True: the forward takes kernels/flash_fwd_tma.py's kernel wherever that supports the inputs, with the
+    launch table's (or override_configs') forward tiles; False: never; None: _SM90_TMA_FWD's rule."""
     return _setting(_tma_fwd, flag)
+
+
+def tma_fwd_config(device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool,
+                   seqlen: int) -> KernelConfig | None:
+    """The TMA forward's tiles for such inputs, or None where it does not run (flash_fwd_tma.supported has the
+    last word on the inputs)."""
+    if _tma_fwd[0] is not None:
+        return get_config("fwd", _head_dim_pad(head_dim), dtype, device, causal) if _tma_fwd[0] else None
+    # forced forward tiles (override_configs(fwd=...)) name the pointer-load kernel's
+    if "fwd" in _overrides or device.type != "cuda" or dtype == torch.float32 or _major(device) != 9:
+        return None
+    rule = _SM90_TMA_FWD.get((head_dim, causal))
+    return rule[1] if rule is not None and seqlen <= rule[0] else None
 
 
 def override_atomic_dq(flag: bool):
@@ -241,7 +261,7 @@ def get_config(pass_name: str, head_dim_pad: int, dtype: torch.dtype, device: to
 
 def hopper_config(pass_name: str, head_dim_pad: int, causal: bool, seqlen: int | None = None) -> KernelConfig:
     """The Hopper (sm_90) launch-table entry for bf16/fp16; head_dim_pad 64, 128 or 256."""
-    short = _SM90_SHORT.get((pass_name, head_dim_pad))
+    short = _SM90_SHORT.get((pass_name, head_dim_pad, causal))
     if seqlen is not None and short is not None and seqlen <= short[0]:
         return short[1]
     return (not causal and _SM90_NONCAUSAL.get((pass_name, head_dim_pad))) or _SM90[pass_name][head_dim_pad]
@@ -295,13 +315,14 @@ def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
     key = (signature(q, k, v, cu_seqlens_q, cu_seqlens_k), left, right, seqlen_q, seqlen_k)
+    tma = tma_fwd_config(q.device, q.dtype, head_dim, right == 0, seqlen_q)
+    if tma is not None and flash_fwd_tma.supported(q, k, v, left, right, varlen, tma.BLOCK_M, tma.BLOCK_N):
+        flash_fwd_tma.attn_fwd(_FWD_TMA, key, q, k, v, out, lse, scale, right == 0, tma, _precision(q.dtype))
+        return out, lse
     if _gluon("fwd") and flash_fwd_hopper.supported(q, k, v, left, right, varlen):
         flash_fwd_hopper.attn_fwd(q, k, v, out, lse, scale, causal=right == 0, key=key)
         return out, lse
     cfg = get_config("fwd", d_pad, q.dtype, q.device, right >= 0)
-    if _tma_fwd[0] and flash_fwd_tma.supported(q, k, v, left, right, varlen, cfg.BLOCK_M, cfg.BLOCK_N):
-        flash_fwd_tma.attn_fwd(_FWD_TMA, key, q, k, v, out, lse, scale, right == 0, cfg, _precision(q.dtype))
-        return out, lse
     num_m = triton.cdiv(seqlen_q, cfg.BLOCK_M)
     grid = (num_m * batch * nheads,)
     if grid[0] == 0:
@@ -344,42 +365,47 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     dk = alloc(k, memory_format=torch.contiguous_format)
     dv = alloc(v, memory_format=torch.contiguous_format)
     delta = torch.empty_like(lse)
-    lse2 = torch.empty_like(lse) if gluon else None   # the Gluon kernel's base-2 LSE, written by the preprocess
+    lse2 = torch.empty_like(lse) if gluon else None   # the Gluon kernel's base-2 LSE, from the preprocess or dQ pass
     lse_strides = _lse_strides(lse, varlen)
     if dlse is not None:
         dlse = dlse.contiguous()
 
     key = (signature(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k), left, right, seqlen_q, seqlen_k,
            deterministic)
-    rows = q.shape[0] if varlen else seqlen_q
-    pre_block = 64 if q.device.type == "cuda" else 32
-    pre_grid = (triton.cdiv(rows, pre_block), (1 if varlen else batch) * nheads)
-    if pre_grid[0] * pre_grid[1] > 0:
-        _BWD_PRE(
-            key, pre_grid, out, dout, dlse, delta, lse, lse2, dq, rows,
-            *_seq_strides(out, varlen), *_seq_strides(dout, varlen), *_seq_strides(dq, varlen), *lse_strides,
-            NUM_HEADS=nheads, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M=pre_block,
-            HAS_DLSE=dlse is not None, WRITE_LSE2=lse2 is not None, ZERO_DQ=fused)
-
     cfg = get_config("dkdv_fused" if fused else "dkdv", d_pad, q.dtype, q.device, right >= 0)
     cfg_dq = cfg if fused else get_config("dq", d_pad, q.dtype, q.device, right >= 0,
                                           max(seqlen_q, seqlen_k) if gluon else None)
     num_n = triton.cdiv(seqlen_k, cfg.BLOCK_N)
     num_m = triton.cdiv(seqlen_q, cfg_dq.BLOCK_M)
     n_dkdv, n_dq = num_n * batch * nheads_k, num_m * batch * nheads
+    one_launch = not fused and not gluon and use_one_launch(cfg, cfg_dq, n_dkdv + n_dq, q.dtype, q.device)
+    # a split backward runs its dQ pass first, which does the preprocess's work for its rows on the way (Delta,
+    # Lse2) for the dK/dV pass after it: one launch and one read of dO fewer (docs/perf-notes.md, session 17)
+    dq_first = not fused and not one_launch
+    rows = q.shape[0] if varlen else seqlen_q
+    pre_block = 64 if q.device.type == "cuda" else 32
+    pre_grid = (triton.cdiv(rows, pre_block), (1 if varlen else batch) * nheads)
+    if pre_grid[0] * pre_grid[1] > 0 and not dq_first:
+        _BWD_PRE(
+            key, pre_grid, out, dout, dlse, delta, lse, lse2, dq, rows,
+            *_seq_strides(out, varlen), *_seq_strides(dout, varlen), *_seq_strides(dq, varlen), *lse_strides,
+            NUM_HEADS=nheads, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M=pre_block,
+            HAS_DLSE=dlse is not None, WRITE_LSE2=lse2 is not None, ZERO_DQ=fused)
 
-    def launch(programs, grid, launch_cfg):
+    def launch(programs, grid, launch_cfg, preprocess=False):
         if grid > 0:
             _BWD(
-                key, (grid,), q, k, v, dout, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k,
+                key, (grid,), q, k, v, dout, lse, delta, dk, dv, dq, out, dlse, lse2, cu_seqlens_q, cu_seqlens_k,
                 scale, scale * LOG2E, seqlen_q, seqlen_k, left, right, num_n, num_m, n_dkdv,
                 *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
                 *_seq_strides(dout, varlen), *_seq_strides(dk, varlen), *_seq_strides(dv, varlen),
-                *_seq_strides(dq, varlen), *lse_strides, NUM_HEADS=nheads, GROUP=nheads // nheads_k,
+                *_seq_strides(dq, varlen), *_seq_strides(out, varlen), *lse_strides,
+                NUM_HEADS=nheads, GROUP=nheads // nheads_k,
                 HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M1=cfg.BLOCK_M, BLOCK_N1=cfg.BLOCK_N,
                 BLOCK_M2=cfg_dq.BLOCK_M, BLOCK_N2=cfg_dq.BLOCK_N, IS_VARLEN=varlen,
                 HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PRECISION=_precision(q.dtype),
-                FUSED_DQ=fused, COUNTED=cfg.counted, PROGRAMS=programs,
+                FUSED_DQ=fused, COUNTED=cfg.counted, PROGRAMS=programs, PREPROCESS=preprocess,
+                HAS_DLSE=preprocess and dlse is not None, WRITE_LSE2=preprocess and lse2 is not None,
                 num_warps=launch_cfg.num_warps, num_stages=launch_cfg.num_stages)
 
     if fused:
@@ -388,13 +414,12 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
             return torch.mul(dq, scale, out=torch.empty_like(q, memory_format=torch.contiguous_format)), dk, dv
         launch("dkdv", n_dkdv, cfg)
         return dq.to(q.dtype), dk, dv
+    if one_launch:
+        launch("both", n_dkdv + n_dq, cfg)   # the dK/dV parameters' warps and stages for both kinds
+        return dq, dk, dv
+    launch("dq", n_dq, cfg_dq, preprocess=True)
     if gluon:
         flash_bwd_hopper.attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale, causal=right == 0, key=key)
-        launch("dq", n_dq, cfg_dq)
-        return dq, dk, dv
-    if use_one_launch(cfg, cfg_dq, n_dkdv + n_dq, q.dtype, q.device):
-        launch("both", n_dkdv + n_dq, cfg)   # the dK/dV parameters' warps and stages for both kinds
     else:
         launch("dkdv", n_dkdv, cfg)
-        launch("dq", n_dq, cfg_dq)
     return dq, dk, dv

@@ -91,17 +91,17 @@ def variant(name, causal):
                 stack.enter_context(tma_forward())
             for module, launch in gluon.items():
                 stack.enter_context(module.override_launch(*launch))
+            if flash_fwd_hopper in gluon:   # the Gluon forward's variants: not the TMA forward where it runs
+                stack.enter_context(override_tma_fwd(False))
             yield
     deterministic = base != "ours_atomic"
     return "bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=deterministic),
                                  context)
 
 
-@contextlib.contextmanager
 def tma_forward():
-    """The forward with TMA loads (kernels/flash_fwd_tma.py) where it takes the inputs, the Gluon forward off."""
-    with override_tma_fwd(True), override_gluon("dkdv"):
-        yield
+    """The forward with TMA loads (kernels/flash_fwd_tma.py) wherever it takes the inputs, before the Gluon one."""
+    return override_tma_fwd(True)
 
 
 @contextlib.contextmanager
@@ -162,8 +162,11 @@ def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=(), tutori
         "ours_1launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), one_launch)),
         "ours_2launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
                                                lambda: override_one_launch(False))),
-        # the forward with TMA loads for dense whole-tile inputs (off by default: kernels/flash_fwd_tma.py)
+        # the forward with TMA loads (kernels/flash_fwd_tma.py) wherever it takes the inputs, with the launch
+        # table's forward tiles / never (ours as before it ran by default: Gluon or pointer-load forward)
         "ours_tma": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), tma_forward)),
+        "ours_notma": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
+                                             lambda: override_tma_fwd(False))),
         "sdpa_flash": ("bhnd", sdpa(SDPBackend.FLASH_ATTENTION)),
         "sdpa_cudnn": ("bhnd", sdpa(SDPBackend.CUDNN_ATTENTION)),
         "standard": ("bhnd", lambda q, k, v: standard_attention(q, k, v, causal)),
@@ -233,7 +236,7 @@ def bench_one(fn, layout, B, N, H, D, causal, mode, dtype=torch.bfloat16):
 def profile_one(fn, layout, B, N, H, D, steps=10, dtype=torch.bfloat16):
     """GPU time per kernel of one forward+backward step (ms, mean of `steps`), from the CUDA profiler.
     A kernel launched c times per step is reported as name#0 .. name#(c-1) in launch order (ours:
-    _attn_bwd#0 is the dK/dV launch, #1 the dQ launch, when the backward takes two)."""
+    _attn_bwd#0 is the dQ launch, #1 the dK/dV launch, when the backward takes two)."""
     from torch.profiler import ProfilerActivity, profile
     step, inputs = _setup(fn, layout, B, N, H, D, "fwd_bwd", dtype)
     with getattr(fn, "context", contextlib.nullcontext)():

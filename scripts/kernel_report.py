@@ -53,7 +53,7 @@ MODEL_DIM = 2048                                   # as scripts/bench_attention.
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd, "dq": _attn_bwd, "bwd": _attn_bwd,
            "fwd_ws": fws._attn_fwd_hopper, "dkdv_ws": ws._attn_bwd_hopper, "bwd_ws": ws._attn_bwd_hopper,
            "fwd_tma": flash_fwd_tma._attn_fwd_tma}
-FP32_POINTERS = {"LSE", "Delta", "DLse"}
+FP32_POINTERS = {"LSE", "Delta", "DLse", "Lse2"}
 
 
 def signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
@@ -86,7 +86,10 @@ def constexprs(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: 
         return c | dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
     dq = cfg if pass_name == "dq" else cfg_dq
     return c | dict(BLOCK_M1=cfg.BLOCK_M, BLOCK_N1=cfg.BLOCK_N, BLOCK_M2=dq.BLOCK_M, BLOCK_N2=dq.BLOCK_N,
-                    FUSED_DQ=False, COUNTED=cfg.counted, PROGRAMS="both" if pass_name == "bwd" else pass_name)
+                    FUSED_DQ=False, COUNTED=cfg.counted, PROGRAMS="both" if pass_name == "bwd" else pass_name,
+                    # the dQ pass of a split backward runs first and does the preprocess (Delta; Lse2 for the
+                    # Gluon dK/dV kernel), as kernels/launch.py launches it
+                    PREPROCESS=pass_name == "dq", HAS_DLSE=False, WRITE_LSE2=pass_name == "dq")
 
 
 def tool(name: str) -> str:

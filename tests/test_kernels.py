@@ -300,17 +300,18 @@ def test_kernel_casts_round_to_nearest(dtype, device):
 
 
 def test_short_sequence_rule(monkeypatch):
-    # _SM90_SHORT: d64's dQ pass takes 64-row tiles up to 4K tokens, asked for with a seqlen (attn_bwd gives
-    # one only beside the Gluon dK/dV kernel); longer sequences, no seqlen, d128 and other passes keep the table
+    # _SM90_SHORT: d64's dQ pass takes 64-row tiles up to 16K tokens causal and 4K unmasked, asked for with a
+    # seqlen (attn_bwd gives one only beside the Gluon dK/dV kernel); longer sequences, no seqlen, d128 and
+    # other passes keep the table
     import kernels.launch as launch
     monkeypatch.setattr(launch, "_capability", lambda index: (9, 0))
     cuda, short = torch.device("cuda", 0), KernelConfig(64, 64, 4, 3)
-    for causal in (True, False):
+    for causal, longest in ((True, 16384), (False, 4096)):
         table = launch.get_config("dq", 64, torch.bfloat16, cuda, causal)
         assert table != short
         assert launch.get_config("dq", 64, torch.float16, cuda, causal, 1024) == short
-        assert launch.get_config("dq", 64, torch.bfloat16, cuda, causal, 4096) == short
-        assert launch.get_config("dq", 64, torch.bfloat16, cuda, causal, 8192) == table
+        assert launch.get_config("dq", 64, torch.bfloat16, cuda, causal, longest) == short
+        assert launch.get_config("dq", 64, torch.bfloat16, cuda, causal, 2 * longest) == table
         assert launch.get_config("dq", 128, torch.bfloat16, cuda, causal, 1024) == launch.get_config(
             "dq", 128, torch.bfloat16, cuda, causal)
         assert launch.get_config("dkdv", 64, torch.bfloat16, cuda, causal, 1024) == launch.get_config(
@@ -319,20 +320,47 @@ def test_short_sequence_rule(monkeypatch):
         assert launch.get_config("dq", 64, torch.bfloat16, cuda, True, 1024) == KernelConfig(128, 32, 4, 3)
 
 
+def test_tma_forward_rule(monkeypatch):
+    # _SM90_TMA_FWD: on Hopper, d64 takes the TMA forward up to 4K tokens causal (64x64 tiles) and 2K unmasked
+    # (128x64); not longer, not d128, not fp32, not another GPU, not under forced forward tiles; the override
+    # turns it on everywhere (launch table's tiles) or off
+    import kernels.launch as launch
+    monkeypatch.setattr(launch, "_capability", lambda index: (9, 0))
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    assert launch.tma_fwd_config(cuda, torch.float16, 64, True, 1024) == KernelConfig(64, 64, 4, 2)
+    assert launch.tma_fwd_config(cuda, bf16, 64, True, 4096) == KernelConfig(64, 64, 4, 2)
+    assert launch.tma_fwd_config(cuda, bf16, 64, True, 8192) is None
+    assert launch.tma_fwd_config(cuda, bf16, 64, False, 2048) == KernelConfig(128, 64, 8, 3)
+    assert launch.tma_fwd_config(cuda, bf16, 64, False, 4096) is None
+    assert launch.tma_fwd_config(cuda, bf16, 128, True, 1024) is None
+    assert launch.tma_fwd_config(cuda, torch.float32, 64, True, 1024) is None
+    assert launch.tma_fwd_config(torch.device("cpu"), bf16, 64, True, 1024) is None
+    with override_configs(fwd=KernelConfig(64, 32, 4, 2)):
+        assert launch.tma_fwd_config(cuda, bf16, 64, True, 1024) is None
+        with override_tma_fwd(True):
+            assert launch.tma_fwd_config(cuda, bf16, 128, True, 65536) == KernelConfig(64, 32, 4, 2)
+    with override_tma_fwd(False):
+        assert launch.tma_fwd_config(cuda, bf16, 64, True, 1024) is None
+    monkeypatch.setattr(launch, "_capability", lambda index: (8, 0))
+    assert launch.tma_fwd_config(cuda, bf16, 64, True, 1024) is None
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 128, 2, 2, 64), (1, 256, 4, 2, 128)])   # (B, N, H, Hk, D); GQA in the second
-def test_tma_forward(shape, dtype, causal, device, monkeypatch):
-    # kernels/flash_fwd_tma.py (opt-in: override_tma_fwd): dense whole-tile inputs with Q/K/V tiles loaded by TMA
-    # descriptors; output, LSE and the gradients through them against the float64 oracle, and the kernel must
-    # have run
+@pytest.mark.parametrize("shape,tiles", [((2, 128, 2, 2, 64), None), ((1, 256, 4, 2, 128), None),
+                                         ((1, 96, 2, 1, 64), KernelConfig(32, 16, 4, 2))])   # (B, N, H, Hk, D)
+def test_tma_forward(shape, tiles, dtype, causal, device, monkeypatch):
+    # kernels/flash_fwd_tma.py (forced here: override_tma_fwd): dense whole-tile inputs with Q/K/V tiles loaded by
+    # TMA descriptors; output, LSE and the gradients through them against the float64 oracle, and the kernel must
+    # have run. GQA in the second shape; the third has three query blocks (forced tiles), so the causal grid's
+    # folding leaves its middle program one block, not two
     if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs Hopper or later")
     calls = []
     real = flash_fwd_tma.attn_fwd
     monkeypatch.setattr(flash_fwd_tma, "attn_fwd", lambda *args: (calls.append(1), real(*args))[1])
     B, N, H, Hk, D = shape
-    with override_tma_fwd(True), override_gluon("dkdv"):
+    with override_tma_fwd(True), override_gluon("dkdv"), override_configs(**({"fwd": tiles} if tiles else {})):
         check_batch(B, N, N, H, Hk, D, dtype, device, causal=causal)
     assert calls
 
@@ -734,14 +762,20 @@ def test_bench_repeats_table_and_variant_providers():
     _, fn = variant("ours_atomic+ws=64,3", True)   # deterministic=False: the fused backward's candidates
     with fn.context():
         assert flash_bwd_hopper.launch_config(128) == (64, 3)
-    # the TMA forward (kernels/flash_fwd_tma.py) with a forward candidate, the Gluon forward off meanwhile
+    # the TMA forward (kernels/flash_fwd_tma.py) forced with a forward candidate; the Gluon forward's candidates
+    # with the TMA forward off (it would take d64 up to 4K first)
     import kernels.launch as launch
     _, fn = variant("ours_tma+fwd=64,64,4,2", True)
     with fn.context():
-        assert launch._tma_fwd[0] and launch._gluon_passes[0] == frozenset({"dkdv"})
+        assert launch._tma_fwd[0] is True
         assert launch.get_config("fwd", 64, torch.float16, torch.device("cuda"), True) == KernelConfig(64, 64, 4, 2)
-    assert not launch._tma_fwd[0] and launch._gluon_passes[0] == frozenset(launch.GLUON_PASSES)
-    assert callable(make_providers(True, 64, False)["ours_tma"][1].context)
+    assert launch._tma_fwd[0] is None
+    _, fn = variant("ours+wsf=64,4", True)
+    with fn.context():
+        assert launch._tma_fwd[0] is False
+    assert launch._tma_fwd[0] is None
+    providers = make_providers(True, 64, False)
+    assert callable(providers["ours_tma"][1].context) and callable(providers["ours_notma"][1].context)
     with pytest.raises(ValueError, match="expected"):
         variant("ours_tma+ws=64,3", True)
 
