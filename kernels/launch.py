@@ -125,10 +125,11 @@ def _setting(cell: list, value):
 
 
 # The forward with TMA loads for dense whole-tile inputs (kernels/flash_fwd_tma.py): on Hopper, bf16/fp16, at
-# these (head dim, causal) up to the length given, with these tiles, ahead of the Gluon forward (from 4K at d64)
-# and of the pointer-load one (H200 fp16, d64: causal 1K/2K/4K 294/337/373 vs pointer 258/312, Gluon 358;
-# no mask 1K/2K 372/393 vs 365/388, docs/perf-notes.md session 17). Not at d128, where the Gluon forward runs
-# from 128 tokens and was not measured against it.
+# these (head dim, causal) up to the length given, with these tiles, before the Gluon forward (which runs d64
+# from 4K) and instead of the pointer-load one. H200 fp16 d64, same runs (docs/perf-notes.md, session 17):
+# causal 1K / 2K 303 / 344 vs pointer-load 262 / 307, causal 4K level with the Gluon forward (364 vs 360,
+# 359 vs 353); no mask 1K / 2K 376 / 393 vs 360 / 386, behind the Gluon forward from 4K. Not at d128, where the
+# Gluon forward runs from 128 tokens and this kernel was not measured against it.
 _SM90_TMA_FWD = {(64, True): (4096, KernelConfig(64, 64, 4, 2)), (64, False): (2048, KernelConfig(128, 64, 8, 3))}
 _tma_fwd: list[bool | None] = [None]
 
