@@ -13,17 +13,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRET, _contig_last
+from .flash_fwd import _cast
+from .launch import INTERPRET, _contig_last, _precision
 
 
 @triton.jit
 def _rope_qkv_kernel(packed, s_pb, s_pt, q, s_qb, s_qt, s_qh, k, s_kb, s_kt, s_kh, v, s_vb, s_vt, s_vh,
                      cos, sin, s_cb, s_ct, T,
                      H: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr):
+                     BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr):
     """One program: BLOCK_T tokens of one head of one row. Forward reads the packed projection and writes
     the head's q/k/v tensor; backward (BACKWARD) reads the gradient of q/k/v and writes the packed one.
-    q and k heads are rotated (by the transpose of the rotation in the backward); v heads are copied."""
+    q and k heads are rotated (by the transpose of the rotation in the backward); v heads are copied.
+    PRECISION: launch._precision's, for _cast (rounding to nearest under the interpreter too)."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // (H + 2 * HK)).to(tl.int64)
@@ -62,8 +64,8 @@ def _rope_qkv_kernel(packed, s_pb, s_pt, q, s_qb, s_qt, s_qh, k, s_kb, s_kt, s_k
     else:
         y1 = x1
         y2 = x2
-    tl.store(dst, y1.to(dst.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, y2.to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst, _cast(y1, dst.dtype.element_ty, PRECISION), mask=mask)
+    tl.store(dst + HALF, _cast(y2, dst.dtype.element_ty, PRECISION), mask=mask)
 
 
 BLOCK_T = 64   # tokens per program: 64 x D/2 elements per half-tile, 4 warps
@@ -79,7 +81,7 @@ def _launch(packed, q, k, v, cos, sin, n_head, n_kv_head, backward):
         q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2), cos, sin, cos_b, cos.stride(1), T,
         H=n_head, HK=n_kv_head, HALF=half, BLOCK_T=BLOCK_T, BLOCK_HALF=triton.next_power_of_2(half),
-        BACKWARD=backward, num_warps=4)
+        BACKWARD=backward, PRECISION=_precision(packed.dtype), num_warps=4)
 
 
 torch.library.define("longctx::rope_qkv_fwd",

@@ -50,6 +50,11 @@ def test_rope_qkv_matches_reference(B, T, H, Hk, D, per_row, dtype, device):
         # fp32 products summed with or without a fused multiply-add may round to neighbouring values: one ulp
         ulp = torch.finfo(dtype).eps * r.abs().max().item()
         assert err <= 2 * base + ulp, f"{name}: error {err:.3g} vs the reference in {dtype}: {base:.3g}"
+        if dtype == torch.bfloat16:
+            # fp32 math rounded to nearest like the GPU and torch, also under the interpreter (whose fp32 -> bf16
+            # cast truncates): the exact result rounded, but where fp32 arithmetic lands next to a boundary
+            misses = (a != r.to(dtype)).sum().item()
+            assert misses <= max(1, a.numel() // 100), f"{name}: {misses} of {a.numel()} not the rounded result"
     torch.testing.assert_close(got[2], qkv[..., (H + Hk) * D:].reshape(B, T, Hk, D), rtol=0, atol=0)
 
 
