@@ -297,8 +297,9 @@ def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, key
     order of the additions varies from run to run); without it the dQ pass is the caller's.
 
     lse2 is the LSE in base 2 (times log2(e)), +inf for rows that saw no key (their P is then exactly 0, not
-    NaN); the backward's preprocess kernel writes it with delta (WRITE_LSE2), so the loop, which bounds the
-    d64 kernel by its elementwise work, neither selects nor scales (docs/perf-notes.md). ``key``: the launch's
+    NaN); kernels/flash_bwd.py writes it with delta (WRITE_LSE2: the preprocess kernel before the fused
+    backward, the dQ pass before the deterministic one), so the loop, which bounds the d64 kernel by its
+    elementwise work, neither selects nor scales (docs/perf-notes.md). ``key``: the launch's
     kernels/dispatch.py key, which kernels/launch.py builds from its caller's tensors."""
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]

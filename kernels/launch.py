@@ -213,7 +213,8 @@ def use_one_launch(dkdv: KernelConfig, dq: KernelConfig, programs: int, dtype: t
 
 # The forward and the deterministic backward's dK/dV pass run the warp-specialized Gluon kernels
 # (flash_fwd_hopper.py, flash_bwd_hopper.py) where those support the inputs (kernels/hopper.py), for the
-# passes named here (tests and benchmarks compare them with the Triton kernels).
+# passes named here (tests and benchmarks compare them with the Triton kernels); the TMA forward's rule
+# (_SM90_TMA_FWD) comes before the Gluon forward's.
 GLUON_PASSES = ("fwd", "dkdv")
 _gluon_passes: list[frozenset] = [frozenset(GLUON_PASSES)]
 

@@ -352,8 +352,8 @@ def test_tma_forward_rule(monkeypatch):
 def test_tma_forward(shape, tiles, dtype, causal, device, monkeypatch):
     # kernels/flash_fwd_tma.py (forced here: override_tma_fwd): dense whole-tile inputs with Q/K/V tiles loaded by
     # TMA descriptors; output, LSE and the gradients through them against the float64 oracle, and the kernel must
-    # have run. GQA in the second shape; the third has three query blocks (forced tiles), so the causal grid's
-    # folding leaves its middle program one block, not two
+    # have run. GQA in the second shape; the third has three query blocks (forced tiles): the folded causal
+    # grid (ceil(3 / 2) programs) must still give the middle block to one program
     if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs Hopper or later")
     calls = []
