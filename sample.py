@@ -5,12 +5,13 @@ so this works on any machine, without the data cache or the training configs.
 """
 import argparse
 import functools
+import sys
 
 import torch
 from tokenizers import Tokenizer
 
 from model import GPT, GPTConfig
-from training.checkpoint import load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.device import autocast, resolve_device
 from training.generate import generate_text
 
@@ -30,7 +31,11 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="attention backend (see model.GPTConfig)")
     args = parser.parse_args()
 
-    ckpt = load_checkpoint(args.checkpoint)
+    try:
+        ckpt = load_checkpoint(args.checkpoint, keys=("step", "model", "model_config", "tokenizer"))
+    except CheckpointError as e:   # one line naming the file, no traceback
+        print(f"error: checkpoint {e}", file=sys.stderr)
+        sys.exit(2)
     device = resolve_device(args.device)
     model = GPT(GPTConfig(**{**ckpt["model_config"], "attention": args.attention})).to(device)
     model.load_state_dict(ckpt["model"])

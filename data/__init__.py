@@ -10,6 +10,7 @@ the same corpus and settings starts at once.
 
 from __future__ import annotations
 
+import codecs
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -29,6 +30,7 @@ from data.tokenizer import SPECIAL_TOKENS, eot_token_id, get_tokenizer
 __all__ = ["BatchLoader", "DataBundle", "DataConfig", "PackedTokens", "build_data"]
 
 SOURCES = ("stdlib", "files", "hf")
+_SOURCE_KEY = {"stdlib": "source", "files": "paths", "hf": "name"}   # the key that chose the documents
 DOC_UNITS = ("package", "file")
 
 
@@ -40,6 +42,7 @@ class DataConfig:
     include_tests: bool
     paths: list[str]
     text_field: str
+    encoding: str
     name: str | None
     config_name: str | None
     split: str
@@ -85,6 +88,8 @@ class DataConfig:
                f"must be a list of paths or globs, got {v['paths']!r}")
         for key in ("text_field", "split"):
             _check(isinstance(v[key], str) and v[key] != "", key, f"must be a non-empty string, got {v[key]!r}")
+        _check(isinstance(v["encoding"], str) and _is_codec(v["encoding"]), "encoding",
+               f"must be a text encoding Python knows (utf-8, latin-1, ...), got {v['encoding']!r}")
         for key in ("name", "config_name", "tokenizer_path"):
             _check(v[key] is None or isinstance(v[key], str), key, f"must be a string or null, got {v[key]!r}")
         for key, low in (("vocab_size", 256 + len(SPECIAL_TOKENS)), ("seq_len", 1), ("batch_size", 1), ("seed", 0)):
@@ -128,6 +133,14 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ValueError(f"data.{key}: {message}")
 
 
+def _is_codec(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -150,6 +163,21 @@ class DataBundle:
         """Number of token ids (special tokens included); the model's embedding needs at least this many."""
         return self.tokenizer.get_vocab_size()
 
+    def check_windows(self, seq_len: int) -> None:
+        """Raise ValueError naming the data key to change when a split cannot fill one window of
+        seq_len + 1 tokens: before training starts, not at the first evaluation hours later."""
+        train, val = self.train, self.val
+        if len(train) + len(val) == train.num_docs + val.num_docs:   # every document is its EOT alone
+            raise ValueError(f"data.{_SOURCE_KEY[self.config.source]}: the corpus is empty "
+                             f"({train.num_docs + val.num_docs} documents, no text in any)")
+        for split, packed, key, fix in (
+                ("train", train, "seq_len", "shorten data.seq_len or add documents"),
+                ("val", val, "val_fraction", "raise data.val_fraction (documents are held out whole) or shorten "
+                                             "data.seq_len")):
+            if len(packed) < seq_len + 1:
+                raise ValueError(f"data.{key}: the {split} split holds {len(packed):,} tokens in {packed.num_docs} "
+                                 f"documents, fewer than one window of data.seq_len + 1 = {seq_len + 1:,}; {fix}")
+
     def loader(self, split: str, batch_size: int, seq_len: int, seed: int, doc_masking: bool = True,
                bucket_boundaries: bool = False) -> BatchLoader:
         """BatchLoader over `split` ("train" or "val"). In the train loader a fraction `data.passkey_mix`
@@ -168,7 +196,7 @@ def load_corpus(config: DataConfig, cache_dir: Path) -> datasets.Dataset:
     if config.source == "stdlib":
         return stdlib_corpus(config.doc_unit, config.include_tests, config.max_docs)
     if config.source == "files":
-        return file_corpus(config.paths, config.text_field, config.max_docs, cache_dir)
+        return file_corpus(config.paths, config.text_field, config.max_docs, cache_dir, config.encoding)
     return hub_corpus(config.name, config.config_name, config.split, config.streaming, config.text_field,
                       config.max_docs)
 

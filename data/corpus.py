@@ -9,6 +9,7 @@ Three sources, chosen by `data.source`:
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sysconfig
 from itertools import islice
@@ -83,22 +84,62 @@ def resolve_data_files(paths: list[str]) -> tuple[str, list[str]]:
     return builders.pop(), files
 
 
-def file_corpus(paths: list[str], text_field: str, max_docs: int | None, cache_dir: Path) -> datasets.Dataset:
+def file_corpus(paths: list[str], text_field: str, max_docs: int | None, cache_dir: Path,
+                encoding: str = "utf-8") -> datasets.Dataset:
     """Local files as documents: a text file is one document (named by its path), a json/jsonl/parquet
-    row is one document (its `text_field` column, named by row index).
+    row is one document (its `text_field` column, named by row index). Text and json files are read
+    in `encoding`.
 
     The Arrow copies `datasets` makes go to `<cache_dir>/hf`, next to our other caches, rather than the
     user's global HF cache; their fingerprint follows the files' paths and mtimes.
+    Raises ValueError naming the file when one cannot be read (not in `encoding`, binary, malformed).
     """
     builder, files = resolve_data_files(paths)
     hf_cache = str(cache_dir / "hf")
+    # sample_by="document": one row per file, in data_files order, instead of one row per line.
+    options = {"text": {"sample_by": "document", "encoding": encoding}, "json": {"encoding": encoding}}
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=hf_cache,
+                                   **options.get(builder, {}))
+    except Exception as e:  # datasets wraps the reader's error in a DatasetGenerationError naming no file
+        bad = _unreadable_file(builder, files, encoding)
+        if bad is None:
+            raise
+        raise ValueError(f"data.paths: {bad}") from e
     if builder == "text":
-        # sample_by="document": one row per file, in data_files order, instead of one row per line.
-        ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", cache_dir=hf_cache)
         ds = _cap(ds, max_docs)
         return ds.add_column("name", files[: len(ds)])
-    ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=hf_cache)
     return _as_documents(ds, text_field, max_docs)
+
+
+def _unreadable_file(builder: str, files: list[str], encoding: str) -> str | None:
+    """The first file the builder cannot read and why, or None. Only run after a failed load, so a
+    good corpus is read once, by `datasets`."""
+    for f in files:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+            try:
+                pq.ParquetFile(f)
+            except Exception as e:
+                return f"{f} is not a parquet file ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
+            continue
+        data = Path(f).read_bytes()
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError as e:
+            kind = "binary, not text" if b"\x00" in data[:8192] else f"not {encoding} text"
+            return (f"{f} is {kind} (byte 0x{data[e.start]:02x} at offset {e.start} does not decode); set "
+                    f"data.encoding to the files' encoding (e.g. latin-1) or leave the file out of data.paths")
+        if builder == "json":
+            lines = text.splitlines() if f.endswith(".jsonl") else [text]
+            for i, line in enumerate(lines, 1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except json.JSONDecodeError as e:
+                    where = f"line {i}" if f.endswith(".jsonl") else f"line {e.lineno}"
+                    return f"{f} is not valid JSON at {where} ({e.msg})"
+    return None
 
 
 def hub_corpus(name: str, config_name: str | None, split: str, streaming: bool, text_field: str,

@@ -2,23 +2,46 @@
 
 wandb is best effort: if it fails to start or to log, the run warns once and goes on without it,
 because losing a dashboard must never cost a training run. metrics.jsonl is the record of truth.
+Nor may wandb hold a run up: before starting online, its server is asked for any answer within
+PROBE_TIMEOUT_S seconds; without one (no network, a firewall) the run logs offline and says so,
+instead of sitting in wandb's own retries for minutes before the first step.
 """
 import json
 import os
+import sys
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+PROBE_TIMEOUT_S = 5.0
+
 
 def wandb_mode(mode: str) -> str:
-    """logger.mode "auto": online when logged in (WANDB_API_KEY, or `wandb login`'s netrc entry),
+    """The mode wandb runs in. The WANDB_MODE environment variable wins, as wandb users expect; then
+    logger.mode; "auto" is online when logged in (WANDB_API_KEY, or `wandb login`'s netrc entry),
     otherwise offline, so a run never stops at wandb's login prompt."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
     if mode != "auto":
         return mode
     import wandb
 
     return "online" if os.environ.get("WANDB_API_KEY") or wandb.api.api_key else "offline"
+
+
+def server_reachable(base_url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the wandb server answers at all (any HTTP status counts) within timeout seconds."""
+    try:
+        urllib.request.urlopen(base_url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True          # it answered, if only with an error page
+    except (OSError, ValueError):
+        return False         # refused, unresolvable, no route, or silent past the timeout
+    return True
 
 
 class RunLogger:
@@ -34,8 +57,17 @@ class RunLogger:
         import wandb
 
         Path(logger.dir).mkdir(parents=True, exist_ok=True)
+        mode = wandb_mode(logger.mode)
+        if os.environ.get("WANDB_MODE") and logger.mode not in ("auto", mode):
+            print(f"WANDB_MODE={mode} overrides logger.mode={logger.mode}", file=sys.stderr)
+        if mode == "online":
+            base_url = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+            if not server_reachable(base_url):
+                print(f"wandb: {base_url} did not answer within {PROBE_TIMEOUT_S:g} s; logging offline to "
+                      f"{logger.dir}/wandb (upload later with `wandb sync`)", file=sys.stderr)
+                mode = "offline"
         self.run = wandb.init(project=logger.project, group=logger.group, name=logger.name, dir=logger.dir,
-                              config=config, mode=wandb_mode(logger.mode))
+                              config=config, mode=mode)
 
     def log(self, metrics: dict, step: int) -> None:
         """One JSON line with the step, and the same metrics to wandb at that step."""

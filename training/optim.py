@@ -21,8 +21,14 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) ->
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_steps(train: DictConfig) -> int:
+    """train.warmup_steps, at most train.max_steps: `train.max_steps=2` is a quick try, not an error."""
+    return min(train.warmup_steps, train.max_steps)
+
+
 def build_schedule(optimizer: torch.optim.Optimizer, train: DictConfig) -> LambdaLR:
     """A LambdaLR stepped once per optimizer step. Its state_dict holds the step count (the lambda
-    is rebuilt from the config), so a resumed run continues the same curve."""
-    warmup, max_steps, min_ratio = train.warmup_steps, train.max_steps, train.min_lr / train.lr
+    is rebuilt from the config), so a resumed run continues the same curve. A warmup longer than the
+    run is clamped to the run (warmup_steps)."""
+    warmup, max_steps, min_ratio = warmup_steps(train), train.max_steps, train.min_lr / train.lr
     return LambdaLR(optimizer, lambda step: lr_factor(step, warmup, max_steps, min_ratio))

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from data import DataConfig
 from model import GPTConfig
 
+from .checkpoint import CheckpointError, check_checkpoint_file
 from .device import resolve_device
 from .memory import CHECKPOINT_MODES
 
@@ -35,7 +36,7 @@ TRAIN_SCHEMA = {
     "eval_batches": int, "eval_passkey": bool, "passkey_depths": list, "passkey_trials": int,
     "ckpt_every": int, "ckpt_dir": str, "ckpt_keep": int, "resume": str | None, "init_from": str | None,
     "sample_prompt": str, "sample_tokens": int,
-    "activation_checkpointing": str, "seq_chunk": int, "loss_chunk": int,
+    "activation_checkpointing": str, "seq_chunk": int, "loss_chunk": int, "max_skipped_steps": int,
 }
 LOGGER_SCHEMA = {"mode": str, "project": str, "group": str, "name": str | None, "dir": str}
 CHOICES = {
@@ -141,15 +142,15 @@ def _check_train(train: DictConfig) -> None:
     need(train.lr > 0, "lr", f"{train.lr} must be > 0", "set train.lr=3e-4")
     need(0 <= train.min_lr <= train.lr, "min_lr", f"{train.min_lr} must lie in [0, train.lr={train.lr}]",
          "set train.min_lr to about lr/10")
-    need(0 <= train.warmup_steps <= train.max_steps, "warmup_steps",
-         f"{train.warmup_steps} must lie in [0, train.max_steps={train.max_steps}]",
-         "lower train.warmup_steps or raise train.max_steps")
+    # a warmup longer than the run is clamped to it (training/optim.py), so a quick try needs no edit
+    need(train.warmup_steps >= 0, "warmup_steps", f"{train.warmup_steps} must be >= 0", "set train.warmup_steps=20")
     need(train.weight_decay >= 0, "weight_decay", f"{train.weight_decay} must be >= 0", "set train.weight_decay=0.1")
     betas = list(train.betas)
     need(len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas), "betas",
          f"{betas} must be two numbers in [0, 1)", "set train.betas=[0.9,0.95]")
     need(train.grad_clip >= 0, "grad_clip", f"{train.grad_clip} must be >= 0 (0 = off)", "set train.grad_clip=1.0")
-    for key in ("grad_accum", "log_every", "eval_every", "eval_batches", "passkey_trials", "ckpt_every", "ckpt_keep"):
+    for key in ("grad_accum", "log_every", "eval_every", "eval_batches", "passkey_trials", "ckpt_every", "ckpt_keep",
+                "max_skipped_steps"):
         need(train[key] >= 1, key, f"{train[key]} must be >= 1", f"set train.{key}=1 or more")
     depths = list(train.passkey_depths)
     need(len(depths) > 0 and all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in depths), "passkey_depths",
@@ -169,12 +170,13 @@ def _check_train(train: DictConfig) -> None:
     if resolve_device(train.device).type == "cuda" and train.precision == "bf16":
         need(torch.cuda.is_bf16_supported(), "precision", "bf16 on a GPU without bf16 support",
              "use train.precision=fp32")
-    if train.resume not in (None, "latest"):
-        need(Path(train.resume).is_file(), "resume", f"no checkpoint file at {train.resume!r}",
-             "pass a step_*.pt or latest.pt, or train.resume=latest")
-    if train.init_from is not None:
-        need(Path(train.init_from).is_file(), "init_from", f"no checkpoint file at {train.init_from!r}",
-             "pass a step_*.pt or latest.pt of an earlier run")
+    for key, path, fix in (("resume", train.resume, "pass a step_*.pt or latest.pt, or train.resume=latest"),
+                           ("init_from", train.init_from, "pass a step_*.pt or latest.pt of an earlier run")):
+        if path not in (None, "latest"):
+            try:
+                check_checkpoint_file(path)
+            except CheckpointError as e:
+                raise ConfigError(f"train.{key}", str(e), fix) from None
 
 
 def _check_model(cfg: DictConfig) -> None:
