@@ -8,17 +8,20 @@ Context extension by a factor s (``scaling_factor``), two ways (``scaling``):
 - "linear", position interpolation (Chen et al. 2023): every position p becomes p / s.
 - "yarn" (Peng et al. 2023, "YaRN"): frequencies that turn many times within the original context
   (local, high-frequency pairs) are kept; those that turn less than once there are divided by s;
-  a linear ramp between the two, in rotations per original context. The logits are also scaled by
-  (0.1 ln s + 1)^2: the cos/sin tables carry one factor each, for q and for k.
+  a linear ramp between the two over the pair index, between the pairs that turn beta_fast and
+  beta_slow times, rounded outwards, as the YaRN authors' code and transformers compute it (the paper's
+  formula ramps linearly in rotations instead; the field's models, and so our Hugging Face export,
+  use the index ramp). The logits are also scaled by (0.1 ln s + 1)^2: the cos/sin tables carry one
+  factor each, for q and for k.
 """
 import math
 
 import torch
 
 from .config import ROPE_SCALINGS
-# YaRN's ramp, in rotations of a frequency over the original context: below YARN_BETA_SLOW the
-# frequency is interpolated (divided by s), above YARN_BETA_FAST it is kept (the paper's alpha, beta
-# for Llama).
+# YaRN's ramp ends, in rotations of a frequency over the original context: pairs turning fewer than
+# YARN_BETA_SLOW times are interpolated (divided by s), more than YARN_BETA_FAST kept (the paper's
+# alpha, beta for Llama).
 YARN_BETA_SLOW, YARN_BETA_FAST = 1.0, 32.0
 
 
@@ -52,8 +55,15 @@ class RotaryEmbedding:
             return freq
         if self.scaling == "linear":
             return freq / s
-        rotations = self.original_max_positions * freq / (2 * math.pi)   # turns over the original context
-        keep = ((rotations - YARN_BETA_SLOW) / (YARN_BETA_FAST - YARN_BETA_SLOW)).clamp(0.0, 1.0)
+        # the (fractional) pair index whose frequency turns r times over the original context
+        def pair(r: float) -> float:
+            return (self.head_dim * math.log(self.original_max_positions / (r * 2 * math.pi))
+                    / (2 * math.log(self.theta)))
+        low = max(math.floor(pair(YARN_BETA_FAST)), 0)
+        high = min(math.ceil(pair(YARN_BETA_SLOW)), self.head_dim - 1)
+        high = high if high > low else low + 0.001
+        index = torch.arange(len(freq), dtype=torch.float64, device=device)
+        keep = 1.0 - ((index - low) / (high - low)).clamp(0.0, 1.0)      # 1: the pair turns fast enough to keep
         return freq / s * (1.0 - keep) + freq * keep
 
     @property
