@@ -21,7 +21,7 @@ import datasets
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer
 
-from data.corpus import file_corpus, hub_corpus, resolve_data_files, stdlib_corpus
+from data.corpus import file_corpus, hub_corpus, resolve_data_files, site_corpus, stdlib_corpus
 from data.loader import PASSKEY_LENGTHS, BatchLoader
 from data.packing import PackedTokens, pack_corpus
 from data.tasks import PasskeyTask
@@ -29,8 +29,9 @@ from data.tokenizer import SPECIAL_TOKENS, eot_token_id, get_tokenizer
 
 __all__ = ["BatchLoader", "DataBundle", "DataConfig", "PackedTokens", "build_data"]
 
-SOURCES = ("stdlib", "files", "hf")
-_SOURCE_KEY = {"stdlib": "source", "files": "paths", "hf": "name"}   # the key that chose the documents
+SOURCES = ("stdlib", "site", "files", "hf")
+# the key that chose the documents
+_SOURCE_KEY = {"stdlib": "source", "site": "source", "files": "paths", "hf": "name"}
 DOC_UNITS = ("package", "file")
 
 
@@ -195,6 +196,8 @@ def load_corpus(config: DataConfig, cache_dir: Path) -> datasets.Dataset:
     """The configured source as a Dataset of documents (columns name, text)."""
     if config.source == "stdlib":
         return stdlib_corpus(config.doc_unit, config.include_tests, config.max_docs)
+    if config.source == "site":
+        return site_corpus(config.doc_unit, config.include_tests, config.max_docs)
     if config.source == "files":
         return file_corpus(config.paths, config.text_field, config.max_docs, cache_dir, config.encoding)
     return hub_corpus(config.name, config.config_name, config.split, config.streaming, config.text_field,

@@ -1,7 +1,10 @@
 """Document sources -> a `datasets.Dataset` with string columns `name` and `text`, one row a document.
 
-Three sources, chosen by `data.source`:
+Four sources, chosen by `data.source`:
 - `stdlib`: the Python standard library's own source, present wherever Python is, no network.
+- `site`: the Python source of every installed package (the interpreter's site-packages), no network:
+  ~10^8 characters where the project's own requirements are installed, enough to train for a while
+  without repeating a token; it differs from machine to machine, hence `corpus_fingerprint`.
 - `files`: local .txt/.md (one document per file), .json/.jsonl/.parquet (one document per row).
 - `hf`: a Hugging Face hub dataset by name (needs the network, or a warm HF cache).
 """
@@ -9,6 +12,8 @@ Three sources, chosen by `data.source`:
 from __future__ import annotations
 
 import glob
+import hashlib
+import importlib.metadata
 import json
 import os
 import sysconfig
@@ -20,6 +25,9 @@ import datasets
 # Directories under the stdlib root that are not the standard library's own source.
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}
+# This project's distribution (pyproject.toml [project] name): an install of it puts our own code into
+# site-packages (its packages, or an editable install's finder module), which the site corpus leaves out.
+PROJECT_DISTRIBUTION = "longctx"
 
 # File suffix -> the `datasets` packaged builder that reads it.
 FILE_BUILDERS = {
@@ -41,24 +49,82 @@ def stdlib_corpus(doc_unit: str, include_tests: bool, max_docs: int | None) -> d
     Files that are not UTF-8 (a few deliberate test fixtures) are skipped. max_docs keeps the first N.
     Returns a Dataset with columns name (str: package dir, or the file's path) and text (str).
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
     skip = STDLIB_SKIP_DIRS if include_tests else STDLIB_SKIP_DIRS | STDLIB_TEST_DIRS
+    return _cap(_python_documents([Path(sysconfig.get_paths()["stdlib"])], skip, doc_unit), max_docs)
+
+
+def site_roots() -> list[Path]:
+    """The running interpreter's site-packages: sysconfig's purelib and platlib (one directory in a venv,
+    two on distributions that keep compiled packages in lib64), those that exist, each once."""
+    paths = sysconfig.get_paths()
+    roots = dict.fromkeys(Path(paths[key]).resolve() for key in ("purelib", "platlib"))
+    return [root for root in roots if root.is_dir()]
+
+
+def site_corpus(doc_unit: str, include_tests: bool, max_docs: int | None,
+                roots: list[Path] | None = None) -> datasets.Dataset:
+    """The `.py` files of every installed package as documents, laid out as stdlib_corpus's: one document
+    per top-level package or module (doc_unit="package") or per file ("file"), files in sorted path order,
+    each preceded by `# file: <path relative to site-packages>`, documents sorted by name; files that are
+    not UTF-8 skipped; include_tests=false leaves out test/ and tests/ directories.
+
+    roots: the site-packages directories to read (default site_roots()). Left out: `__pycache__` and
+    `*.dist-info` / `*.egg-info` metadata, and this project's own code when it is installed there (the
+    top-level names listed in the RECORD of the PROJECT_DISTRIBUTION distribution), so a model is never
+    trained on the code that trains it. The result depends on what is installed: record
+    corpus_fingerprint with any result.
+    """
+    roots = site_roots() if roots is None else [Path(r) for r in roots]
+    skip = {"__pycache__"} if include_tests else {"__pycache__"} | STDLIB_TEST_DIRS
+    own = set().union(*(_distribution_top_levels(root, PROJECT_DISTRIBUTION) for root in roots))
+    return _cap(_python_documents(roots, skip, doc_unit, skip_top=own), max_docs)
+
+
+def _distribution_top_levels(root: Path, name: str) -> set[str]:
+    """Top-level names (package dirs, modules, .pth files) that distribution `name` installed into root."""
+    tops = set()
+    for dist in importlib.metadata.distributions(path=[str(root)]):
+        if (dist.metadata["Name"] or "").lower() == name:
+            tops |= {f.parts[0] for f in dist.files or () if f.parts[0] != ".."}
+    return tops
+
+
+def _python_documents(roots: list[Path], skip_dirs: set[str], doc_unit: str,
+                      skip_top: set[str] = frozenset()) -> datasets.Dataset:
+    """The `.py` files under roots as documents (see stdlib_corpus), directories named in skip_dirs or
+    ending in .dist-info/.egg-info pruned, top-level entries named in skip_top left out."""
     docs: dict[str, list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        # Pruning in place keeps os.walk out of site-packages (often larger than the stdlib itself),
-        # and sorting makes the document order and contents reproducible.
-        dirnames[:] = sorted(d for d in dirnames if d not in skip)
-        for filename in sorted(f for f in filenames if f.endswith(".py")):
-            rel = (Path(dirpath) / filename).relative_to(root)
-            try:
-                text = (root / rel).read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                continue
-            name = rel.parts[0] if doc_unit == "package" else rel.as_posix()
-            docs.setdefault(name, []).append(f"# file: {rel.as_posix()}\n{text}")
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            # Pruning in place keeps os.walk out of what is not source (the stdlib's site-packages is often
+            # larger than the stdlib itself), and sorting makes the document order and contents reproducible.
+            top = Path(dirpath) == root
+            dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not (top and d in skip_top)
+                                 and not d.endswith((".dist-info", ".egg-info")))
+            for filename in sorted(f for f in filenames if f.endswith(".py") and not (top and f in skip_top)):
+                rel = (Path(dirpath) / filename).relative_to(root)
+                try:
+                    text = (root / rel).read_text(encoding="utf-8")
+                except UnicodeDecodeError:
+                    continue
+                name = rel.parts[0] if doc_unit == "package" else rel.as_posix()
+                docs.setdefault(name, []).append(f"# file: {rel.as_posix()}\n{text}")
     names = sorted(docs)
-    ds = datasets.Dataset.from_dict({"name": names, "text": ["\n".join(docs[n]) for n in names]})
-    return _cap(ds, max_docs)
+    return datasets.Dataset.from_dict({"name": names, "text": ["\n".join(docs[n]) for n in names]})
+
+
+def corpus_fingerprint(corpus: datasets.Dataset) -> str:
+    """16 hex digits of a sha256 over every document's name and text, in order, each prefixed by its
+    length so that no two different corpora hash the same stream. Equal on two machines exactly when
+    their documents are: the record of which corpus a result came from (the site corpus varies with
+    what is installed). Unlike `datasets`' own fingerprint it depends on nothing but the documents."""
+    digest = hashlib.sha256()
+    for batch in corpus.select_columns(["name", "text"]).iter(batch_size=64):
+        for name, text in zip(batch["name"], batch["text"]):
+            for part in (name.encode(), text.encode()):
+                digest.update(len(part).to_bytes(8, "little"))
+                digest.update(part)
+    return digest.hexdigest()[:16]
 
 
 def resolve_data_files(paths: list[str]) -> tuple[str, list[str]]:

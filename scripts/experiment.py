@@ -1,23 +1,29 @@
 """Long-context experiments, one command each: train the runs with train.py's train(), evaluate their
-checkpoints, write reports/<name>/report.md (tables, the commands, the environment) with PNG plots.
+checkpoints, write reports/<name>/results.json, and build report.md (tables, PNG plots, the commands,
+the environment, the corpus) from that file alone.
 
     python scripts/experiment.py e1_scaling          # peak memory and tokens/s vs context per backend / plan (GPU)
     python scripts/experiment.py e2_passkey          # passkey accuracy, context x depth heatmaps (GPU)
-    python scripts/experiment.py e3_context          # perplexity and loss by position vs context (GPU)
-    python scripts/experiment.py e4_extend           # 4K -> 32K by RoPE scaling, with/without fine-tune (GPU)
+    python scripts/experiment.py e3_context          # loss overall and by position vs context, 2 seeds (GPU)
+    python scripts/experiment.py e4_extend           # 4K -> 32K: RoPE unchanged / PI / theta / YaRN, +- fine-tune (GPU)
     python scripts/experiment.py e3_context --smoke  # the CPU-sized variant, configs/experiment/e3_context_smoke.yaml
+    python scripts/experiment.py e3_context --report-only   # report.md and plots again from its results.json
     python scripts/experiment.py e2_passkey train.max_steps=500 runner.contexts=[1024,4096]
 
 Each experiment is configs/experiment/<name>.yaml: the runs' settings as usual, plus a `runner:`
-block read only here (contexts, evaluation grid, ...). Other words are Hydra overrides applied to
-every run. Training metrics go where train() puts them (metrics.jsonl, wandb) under
-outputs/experiments/<name>/<date_time>/<run>/; evaluation results go to the report and results.json.
-E1 trains no runs: it is scripts/bench_context.py's sweep, its points logged the same way.
+block read only here (contexts, seeds, evaluation grid, ...). Other words are Hydra overrides applied
+to every run. Training metrics go where train() puts them (metrics.jsonl, wandb) under
+outputs/experiments/<name>/<date_time>/<run>/; every number a report shows is in its results.json, so
+--report-only rebuilds the same report.md without training (a hand-written reading.md beside it is
+placed under the summary). Smoke variants report under outputs/reports/ (ignored by git), never over
+the committed reports/. Paths in reports are relative to the repository. E3 and E4 score every model
+on the same target tokens (training/eval_tokens.py). E1 trains no runs: it is scripts/bench_context.py's
+sweep, its points logged the same way.
 """
 import argparse
 import functools
 import json
-import math
+import os
 import platform
 import re
 import shlex
@@ -33,22 +39,31 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from data import build_data  # noqa: E402
-from data.tasks import IGNORE_INDEX, PasskeyTask, passkey_scores  # noqa: E402
+from data import DataConfig, build_data, load_corpus  # noqa: E402
+from data.corpus import corpus_fingerprint  # noqa: E402
+from data.packing import split_documents  # noqa: E402
+from data.tasks import PasskeyTask, passkey_scores  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from scripts import bench_context  # noqa: E402
 from train import train  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
-from training.device import autocast, resolve_device, to_device  # noqa: E402
+from training.device import autocast, resolve_device  # noqa: E402
+from training.eval_tokens import cut_pieces, position_bins, score, select_pieces  # noqa: E402
 from training.validate import ConfigError, config_error, validate  # noqa: E402
+
+# The results.json layout this script writes and --report-only reads; older files lack what the
+# reports now show (the corpus, the identical-token evaluation).
+FORMAT = 2
+# train.* keys left out of results.json: paths of this machine
+PATH_KEYS = ("ckpt_dir", "resume", "init_from")
 
 
 class RunFailed(Exception):
@@ -56,7 +71,7 @@ class RunFailed(Exception):
 
 
 class Experiment:
-    """One experiment: composes each run's config, trains it, evaluates checkpoints, writes the report."""
+    """One experiment: composes each run's config, trains it, evaluates checkpoints, collects results."""
 
     def __init__(self, name: str, overrides: list[str], outputs: Path, reports: Path, command: str):
         self.name, self.overrides, self.command = name, overrides, command
@@ -67,9 +82,8 @@ class Experiment:
         self.runner = self.cfg.runner
         self.device = resolve_device(self.cfg.train.device)
         self.amp = functools.partial(autocast, self.cfg.train.precision, self.device)
-        self.runs: list[dict] = []     # one row per training run, for the report
-        self.sections: list[str] = []  # the report's results, in order
-        self.results: dict = {"experiment": name, "command": command}  # results.json
+        self.runs: list[dict] = []  # one row per training run, for the report
+        self.results: dict = {}     # the experiment's own numbers; finish() adds what every report has
         self.report_dir.mkdir(parents=True, exist_ok=True)
 
     @functools.cached_property
@@ -82,6 +96,12 @@ class Experiment:
             return build_data(self.cfg.data, self.cfg.cache_dir)
         except ValueError as e:
             raise config_error(e) from None
+
+    @functools.cached_property
+    def corpus(self) -> dict:
+        """Which corpus the runs trained on (the site corpus differs between machines): corpus_record."""
+        config = DataConfig.from_cfg(self.cfg.data)
+        return corpus_record(load_corpus(config, Path(self.cfg.cache_dir)), self.data, config)
 
     def compose(self, *run_overrides: str):
         """The experiment's config, then the user's overrides, then this run's (which win)."""
@@ -99,11 +119,20 @@ class Experiment:
                               "use a power of two at least as large as the longest context")
         return [f"data.seq_len={seq_len}", f"data.batch_size={tokens // seq_len}"]
 
+    def seeds(self) -> list[int]:
+        """runner.seeds: each context is trained once per seed (train.seed: initialization and batch order;
+        the data split and the evaluation stay the same)."""
+        seeds = list(self.runner.seeds)
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ConfigError("runner.seeds", f"{seeds} must be distinct and at least one", "e.g. [0, 1]")
+        return seeds
+
     def train(self, label: str, *overrides: str) -> dict:
-        """train() one run into <out_root>/<label>; its summary plus what the report's run table shows."""
+        """train() one run into <out_root>/<label>; its summary plus what the report's run table shows,
+        paths relative to the repository (self.path() turns them back)."""
         overrides = (path_override("out_dir", self.out_root / label), f"logger.name={label}", *overrides)
         cfg = self.compose(*overrides)
-        self.data  # noqa: B018 - prepared before the clock starts
+        self.data, self.corpus  # noqa: B018 - prepared before the clock starts (a failing corpus: before any run)
         start = time.perf_counter()
         summary = train(cfg)
         seconds = time.perf_counter() - start
@@ -112,32 +141,39 @@ class Experiment:
                             f"(seq_len {cfg.data.seq_len}, batch {cfg.data.batch_size}); see {cfg.out_dir}")
         # the median over log intervals: the first includes start-up, evaluations are excluded by train()
         speeds = [m["tokens_per_s"] for m in read_jsonl(Path(cfg.out_dir) / "metrics.jsonl") if "tokens_per_s" in m]
-        run = {"run": label, "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size, "steps": summary["step"],
+        run = {"run": label, "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size, "seed": cfg.train.seed,
+               "steps": summary["step"],
                "tokens": summary["step"] * cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum,
                "wall_clock_s": seconds, "tokens_per_s": statistics.median(speeds), "loss": summary["loss"],
-               "val_ppl": summary["val_ppl"], "out_dir": cfg.out_dir, "checkpoint": summary["checkpoint"],
-               "overrides": list(overrides)}
+               "val_ppl": summary["val_ppl"], "out_dir": relative(cfg.out_dir),
+               "checkpoint": relative(summary["checkpoint"]), "overrides": [shown(o) for o in overrides]}
         self.runs.append(run)
         return run
 
+    @staticmethod
+    def path(relative_path: str) -> Path:
+        return ROOT / relative_path
+
     def load(self, checkpoint: str, **changes) -> GPT:
-        """A trained model from its checkpoint, built as sample.py builds it; `changes` edit its GPTConfig
-        (RoPE settings) without touching the weights."""
-        ckpt = load_checkpoint(checkpoint)
+        """A trained model from its checkpoint (a run's relative path), built as sample.py builds it;
+        `changes` edit its GPTConfig (RoPE settings) without touching the weights."""
+        ckpt = load_checkpoint(self.path(checkpoint))
         model = GPT(GPTConfig(**{**ckpt["model_config"], **changes})).to(self.device)
         model.load_state_dict(ckpt["model"])
+        self.results.setdefault("parameters", sum(p.numel() for p in model.parameters()))
         return model.eval()
 
-    def passkey(self, model: GPT, length: int, depths: list[float]) -> dict[float, float]:
-        """Teacher-forced passkey accuracy at `length` by depth; the same prompts for every model."""
-        return {depth: key for depth, (key, _) in self.passkey_scores(model, length, depths).items()}
-
-    def passkey_scores(self, model: GPT, length: int, depths: list[float]) -> dict[float, tuple[float, float]]:
-        """{depth: (key accuracy, answer-token accuracy)} at `length`, data.tasks.passkey_scores."""
-        def model_fn(input_ids):
+    def model_fn(self, model: GPT):
+        """The model as eval_tokens and data.tasks call it: input ids (B, T) -> logits (B, T, V)."""
+        def logits(input_ids):
             with self.amp():
                 return model(input_ids.to(self.device))[0]
-        return passkey_scores(model_fn, self.data.tokenizer, length, depths, self.runner.eval_trials,
+        return logits
+
+    def passkey_scores(self, model: GPT, length: int, depths: list[float]) -> dict[float, tuple[float, float]]:
+        """{depth: (key accuracy, answer-token accuracy)} at `length`, data.tasks.passkey_scores; the same
+        prompts for every model (the experiment's train.seed, not the run's)."""
+        return passkey_scores(self.model_fn(model), self.data.tokenizer, length, depths, self.runner.eval_trials,
                               self.cfg.train.seed)
 
     def check_long_context(self, passkey_lengths: list[int] = ()) -> None:
@@ -149,65 +185,72 @@ class Experiment:
             raise ConfigError("runner", f"length {min(passkey_lengths)} is shorter than a passkey prompt ({shortest} "
                               "tokens with this tokenizer)", "use longer contexts or a larger data.vocab_size")
 
-    def loss_by_position(self, model: GPT, length: int, n_windows: int, edges: list[int]) -> tuple[list, float]:
-        """Mean next-token loss on n_windows val windows of `length` tokens, by the predicting token's
-        position in its document (how much context it had) in buckets [edges[i], edges[i+1]), and
-        over all tokens. The same windows for every model (a fresh loader, the same seed)."""
-        loader = self.data.loader("val", 1, length, seed=self.cfg.train.seed, doc_masking=self.cfg.data.doc_masking)
-        edges_t = torch.tensor(edges, device=self.device)
-        total, count = torch.zeros(len(edges) - 1, device=self.device), torch.zeros(len(edges) - 1, device=self.device)
-        with torch.no_grad():
-            for _ in range(n_windows):
-                batch = to_device(next(loader), self.device)
-                with self.amp():
-                    logits, _ = model(batch["input_ids"], position_ids=batch["position_ids"],
-                                      cu_seqlens=batch["cu_seqlens"])
-                targets = batch["targets"].flatten()
-                keep = targets != IGNORE_INDEX
-                loss = F.cross_entropy(logits.flatten(0, 1).float()[keep], targets[keep], reduction="none")
-                bucket = torch.bucketize(batch["position_ids"].flatten()[keep], edges_t, right=True) - 1
-                total += torch.bincount(bucket, weights=loss, minlength=len(total))
-                count += torch.bincount(bucket, minlength=len(count))
-        by_bucket = [t / n if n else None for t, n in zip(total.tolist(), count.tolist())]  # None: no token got there
-        return by_bucket, (total.sum() / count.sum()).item()
+    @functools.cache
+    def eval_pieces(self, length: int) -> np.ndarray:
+        """The val pieces every model of this experiment is scored on (eval_tokens.select_pieces): the val
+        documents cut into pieces of length + 1 tokens, runner.eval_tokens targets taken round-robin."""
+        stride, budget = self.runner.eval_stride, self.runner.eval_tokens
+        if not (isinstance(stride, (int, float)) and 0 < stride <= 1):
+            raise ConfigError("runner.eval_stride", f"{stride!r} is not in (0, 1]",
+                              "1 = non-overlapping windows, 0.5 = windows overlapping by half")
+        if budget is not None and not (isinstance(budget, int) and budget >= 1):
+            raise ConfigError("runner.eval_tokens", f"{budget!r} is not a positive integer", "or null: every val token")
+        val = self.data.val
+        pieces = select_pieces(cut_pieces(val.doc_starts, len(val), length), budget)
+        self.results["eval"] = {"length": length, "stride": stride, "pieces": len(pieces),
+                                "documents": len(set(pieces[:, 0].tolist())), "val_documents": val.num_docs,
+                                "tokens": int((pieces[:, 3] - pieces[:, 2] - 1).sum()),
+                                "edges": position_bins(length)}
+        return pieces
 
-    def plot(self, fig, filename: str, alt: str) -> None:
-        fig.savefig(self.report_dir / filename, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        self.sections.append(f"![{alt}]({filename})")
+    def score(self, model: GPT, context: int, length: int) -> dict:
+        """The model, read in windows of `context` tokens, on the experiment's val pieces: the summary of
+        eval_tokens.TokenScores (loss, loss by position bin, digest), plus its context and stride."""
+        pieces = self.eval_pieces(length)
+        stride = max(1, round(context * self.runner.eval_stride))
+        scores = score(self.model_fn(model), np.asarray(self.data.val.tokens), self.data.val.doc_starts, pieces,
+                       context, stride, batch_rows=max(1, self.runner.tokens_per_step // context))
+        return {"context": context, "stride": stride, **scores.summary(position_bins(length))}
 
-    def write_report(self, title: str, summary: str) -> Path:
-        """report.md and results.json; the training-run sections only for an experiment that has runs."""
-        env = environment(self.device)
-        lines = [f"# {title}: `{self.name}`", "", summary, "", "## Results", "", *[s + "\n" for s in self.sections]]
+    def finish(self) -> Path:
+        """results.json with everything the report shows, then report.md built from that file."""
+        cfg = {group: OmegaConf.to_container(self.cfg[group], resolve=True) for group in ("model", "data", "train",
+                                                                                          "runner")}
+        self.results |= {
+            "format": FORMAT, "experiment": self.name, "base": self.name.removesuffix("_smoke"),
+            "command": self.command, "overrides": self.overrides, "device_type": self.device.type,
+            "runner": cfg["runner"], "out_root": relative(self.out_root), "runs": self.runs,
+            "config": {"model": cfg["model"], "data": cfg["data"],
+                       "train": {k: v for k, v in cfg["train"].items() if k not in PATH_KEYS}},
+            "environment": environment(self.device)}
         if self.runs:
-            runs = table(["run", "context", "batch", "steps", "tokens", "wall-clock (s)", "tokens/s (median)",
-                          "final loss", "val ppl (own context)"],
-                         [[r["run"], r["seq_len"], r["batch_size"], r["steps"], r["tokens"], r["wall_clock_s"],
-                           r["tokens_per_s"], r["loss"], r["val_ppl"]] for r in self.runs])
-            lines += ["## Training runs", "", runs, "",
-                      "Wall-clock is the whole train() call (evaluations and checkpoints included; data prepared "
-                      "before the first run). Outputs (metrics.jsonl, checkpoints, wandb) under "
-                      f"`{self.out_root}`.", ""]
-        lines += ["## Reproduce", "", "```bash", self.command, "```", ""]
-        if self.runs:
-            train_commands = "\n".join(shlex.join(["python", "train.py", f"experiment={self.name}",
-                                                   *self.overrides, *r["overrides"]]) for r in self.runs)
-            lines += ["Config overrides given on the command line (applied to every run): "
-                      + (", ".join(f"`{o}`" for o in self.overrides) or "none") + ". "
-                      f"Each training run is `train.py` with `configs/experiment/{self.name}.yaml` and these "
-                      "overrides:", "", "```bash", train_commands, "```", ""]
-        lines += ["## Environment", "", *[f"- {k}: {v}" for k, v in env.items()], ""]
-        path = self.report_dir / "report.md"
-        path.write_text("\n".join(lines))
-        self.results |= {"runs": self.runs, "environment": env}
-        (self.report_dir / "results.json").write_text(json.dumps(self.results, indent=1))
-        return path
+            self.results["corpus"] = self.corpus
+        path = self.report_dir / "results.json"
+        path.write_text(json.dumps(self.results, indent=1))
+        return write_report(json.loads(path.read_text()), self.report_dir)
 
 
-# --- the experiments -------------------------------------------------------------------------------------
+def corpus_record(corpus, bundle, config: DataConfig, longest: int = 5) -> dict:
+    """What a report says about its corpus: source, corpus_fingerprint (equal on two machines exactly when
+    the documents are), documents, characters, tokens per split at the vocab, and the `longest` documents
+    by tokens (name, tokens, split). Per-document token counts come from the packed splits, whose documents
+    are the corpus's in split_documents' order, each followed by one EOT."""
+    train_idx, val_idx = split_documents(len(corpus), config.val_fraction, config.seed)
+    sizes = {}
+    for split, indices, packed in (("train", train_idx, bundle.train), ("val", val_idx, bundle.val)):
+        counts = np.diff(np.append(packed.doc_starts, len(packed))) - 1
+        sizes |= {int(i): (split, int(n)) for i, n in zip(indices, counts)}
+    names = corpus["name"][:]
+    top = sorted(sizes, key=lambda i: (-sizes[i][1], i))[:longest]
+    return {"source": config.source, "fingerprint": corpus_fingerprint(corpus), "documents": len(corpus),
+            "characters": int(pc.sum(pc.utf8_length(corpus.with_format("arrow")["text"])).as_py() or 0),
+            "vocab_size": bundle.vocab_size, "tokens": {"train": len(bundle.train), "val": len(bundle.val)},
+            "longest": [{"name": names[i], "tokens": sizes[i][1], "split": sizes[i][0]} for i in top]}
 
-def e1_scaling(x: Experiment) -> Path:
+
+# --- the experiments: run (train, evaluate, fill x.results) --------------------------------------------
+
+def e1_scaling(x: Experiment) -> None:
     """scripts/bench_context.py's sweep (no train.py runs): per attention backend and memory plan, full
     training steps at contexts doubling until out of memory; peak memory and tokens/s vs context."""
     r = x.runner
@@ -223,27 +266,107 @@ def e1_scaling(x: Experiment) -> Path:
                                project=x.cfg.logger.project, log=lambda row: print(json.dumps(row), flush=True),
                                max_by_config=dict(r.get("max_by_config") or {}),
                                breakdown_at=tuple(r.get("breakdown_at") or ()))
+    x.results |= {"model": r.model, "model_config": bench_context.MODELS[r.model],
+                  "configs": {name: dict(zip(("attention", "sdpa_backend", "memory_plan"),
+                                             bench_context.backend(name, x.device))) for name in configs},
+                  "rows": rows}
 
-    cuda = x.device.type == "cuda"
+
+def e2_passkey(x: Experiment) -> None:
+    """Train at each context (once per seed); score every model on the whole length x depth grid."""
+    r = x.runner
+    contexts, lengths, depths = list(r.contexts), list(r.eval_lengths), list(r.eval_depths)
+    x.check_long_context(lengths + contexts)
+    accuracy, token_accuracy = {}, {}
+    seeds = x.seeds()
+    for seq_len in contexts:
+        for seed in seeds:
+            run = x.train(f"ctx{seq_len}_seed{seed}", *x.context(seq_len), f"train.seed={seed}")
+            model = x.load(run["checkpoint"])
+            by_length = [x.passkey_scores(model, length, depths) for length in lengths]
+            # rows depths, columns lengths; answer tokens: per length, mean over depths
+            accuracy.setdefault(seq_len, {})[seed] = [[acc[d][0] for acc in by_length] for d in depths]
+            token_accuracy.setdefault(seq_len, {})[seed] = [float(np.mean([acc[d][1] for d in depths]))
+                                                            for acc in by_length]
+            del model
+    x.results |= {"lengths": lengths, "depths": depths, "accuracy": accuracy, "token_accuracy": token_accuracy}
+
+
+def e3_context(x: Experiment) -> None:
+    """Train at each context with constant tokens per step, once per seed; score every model on the same
+    val target tokens, each in windows of its own context."""
+    r = x.runner
+    contexts = list(r.contexts)
+    length = r.eval_length or max(contexts)
+    if length < max(contexts):
+        raise ConfigError("runner.eval_length", f"{length} is shorter than the longest context {max(contexts)}",
+                          "pieces that short would not let that model use its context; use null")
+    seeds = x.seeds()
+    x.eval_pieces(length)  # checked and cut before the first run
+    scores = {}
+    for seq_len in contexts:
+        for seed in seeds:
+            run = x.train(f"ctx{seq_len}_seed{seed}", *x.context(seq_len), f"train.seed={seed}")
+            scores.setdefault(seq_len, {})[seed] = x.score(x.load(run["checkpoint"]), seq_len, length)
+    x.results["scores"] = scores
+
+
+def e4_extend(x: Experiment) -> None:
+    """Train short; at the long context score each RoPE method (runner.methods; `none` leaves RoPE as
+    trained) without fine-tuning and after the same fine-tune, and the short model in its own windows."""
+    r = x.runner
+    short, long = r.short_context, r.long_context
+    depths = list(r.eval_depths)
+    x.check_long_context([short, long])
+    x.eval_pieces(long)  # checked and cut before the first run
+    base = x.train(f"short{short}", *x.context(short))["checkpoint"]
+    variants = []
+
+    def evaluate(label: str, method: str | None, finetune_steps: int, model: GPT, context: int) -> None:
+        accs = x.passkey_scores(model, context, depths)
+        variants.append({"variant": label, "method": method, "finetune_steps": finetune_steps,
+                         "passkey_acc": float(np.mean([key for key, _ in accs.values()])),
+                         "by_depth": [key for key, _ in accs.values()], **x.score(model, context, long)})
+
+    evaluate(f"trained at {human(short)}, in {human(short)} windows", None, 0, x.load(base), short)
+    methods = {m: OmegaConf.to_container(c, resolve=True) for m, c in r.methods.items()}
+    for method, changes in methods.items():
+        evaluate(f"{method_label(method, changes)}, no fine-tune", method, 0, x.load(base, **changes), long)
+        tuned = x.train(f"finetune_{method}", *x.context(long), *[f"model.{k}={v}" for k, v in changes.items()],
+                        path_override("train.init_from", x.path(base)),
+                        *[f"train.{k}={v}" for k, v in r.finetune.items()])
+        evaluate(f"{method_label(method, changes)} + {tuned['steps']}-step fine-tune", method, tuned["steps"],
+                 x.load(tuned["checkpoint"]), long)
+    x.results |= {"variants": variants, "methods": methods}
+
+
+EXPERIMENTS = {"e1_scaling": e1_scaling, "e2_passkey": e2_passkey, "e3_context": e3_context, "e4_extend": e4_extend}
+
+
+# --- the reports: results.json -> (title, summary, result sections; plots saved beside) ----------------
+
+def report_e1(res: dict, out: Path) -> tuple[str, str, list[str]]:
+    r, rows = res["runner"], res["rows"]
+    cuda = res["device_type"] == "cuda"
 
     def overview(name: str) -> list:
         """The configuration in words, its longest context that trained, and what stopped the doubling."""
-        attention, sdpa_backend, (checkpointing, seq_chunk, loss_chunk) = bench_context.backend(name, x.device)
+        c = res["configs"][name]
+        checkpointing, seq_chunk, loss_chunk = c["memory_plan"]
         plan = "none" if checkpointing == "none" else f"{checkpointing}, seq_chunk {seq_chunk}, loss_chunk {loss_chunk}"
         mine = [row for row in rows if row["config"] == name]
         ok = [row for row in mine if row["status"] == "ok"]
         stop = (mine[-1]["status"] if mine[-1]["status"] != "ok" else
-                f"step > {r.max_step_seconds} s" if mine[-1]["step_s"] > r.max_step_seconds else
+                f"step > {r['max_step_seconds']} s" if mine[-1]["step_s"] > r["max_step_seconds"] else
                 "runner.max_by_config" if name in (r.get("max_by_config") or {}) else "runner.max")
-        return [name, f"sdpa ({sdpa_backend})" if attention == "sdpa" else attention, plan,
+        return [name, f"sdpa ({c['sdpa_backend']})" if c["attention"] == "sdpa" else c["attention"], plan,
                 human(ok[-1]["seq_len"]) if ok else "none", f"{ok[-1]['tokens_per_s']:,.0f}" if ok else None, stop]
 
-    x.sections.append("Longest context that trained, per configuration:\n\n" + table(
-        ["config", "attention", "memory plan", "longest context", "tokens/s there", "stopped by"],
-        [overview(name) for name in configs]))
-    x.sections.append("Every point (out of memory and errors are results too):\n\n"
-                      + bench_context.markdown_table(rows))
-    x.sections.append(
+    sections = [
+        "Longest context that trained, per configuration:\n\n" + table(
+            ["config", "attention", "memory plan", "longest context", "tokens/s there", "stopped by"],
+            [overview(name) for name in res["configs"]]),
+        "Every point (out of memory and errors are results too):\n\n" + bench_context.markdown_table(rows),
         "Step s: median of the timed steps (the first is not timed unless it is the only one; with `offload` "
         "the pinned host buffers are allocated before any step, `training.memory.warm_host_memory`). MFU: model "
         "FLOPs (`GPT.flops_per_token`) over the device's dense bf16 peak, where known. "
@@ -253,179 +376,188 @@ def e1_scaling(x: Experiment) -> Path:
            "Peak GiB: not measured on a CPU. Kept for backward: the distinct tensors autograd saves "
            "(`saved_tensors_hooks`), parameters excluded; the plan's `offload` parks its tensors outside "
            "autograd, so they are not counted.")
-        + " Params + RoPE: parameters and the RoPE cos/sin table; AdamW state: its moments after a step.")
+        + " Params + RoPE: parameters and the RoPE cos/sin table; AdamW state: its moments after a step."]
     for row in rows:
         if "peak_breakdown" in row:
-            x.sections.append(
+            sections.append(
                 f"What holds the memory at the peak, `{row['config']}` at {human(row['seq_len'])} tokens "
                 f"({row['status']}): live allocations at the highest point of the allocator's trace, by the "
                 "innermost frame of this repository that allocated them (`training/memory_breakdown.py`):\n\n"
                 + bench_context.breakdown_table(row))
-    for filename, alt in bench_context.plot(rows, {"model": r.model, "device": environment(x.device)["device"]},
-                                            x.report_dir):
-        x.sections.append(f"![{alt}]({filename})")
-    x.sections.append(f"Per-configuration metrics.jsonl and wandb runs (one group per sweep) under `{x.out_root}`.")
-    x.results |= {"model": r.model, "model_config": bench_context.MODELS[r.model],
-                  "configs": {name: dict(zip(("attention", "sdpa_backend", "memory_plan"),
-                                             bench_context.backend(name, x.device))) for name in configs},
-                  "rows": rows}
-    shape = bench_context.MODELS[r.model]
-    return x.write_report(
-        "E1 memory and throughput vs context",
-        f"Full training steps (forward, backward, AdamW) of `{r.model}` ({shape['n_layer']} layers, d_model "
+    for filename, alt in bench_context.plot(rows, {"model": res["model"], "device": res["environment"]["device"]},
+                                            out):
+        sections.append(f"![{alt}]({filename})")
+    sections.append(f"Per-configuration metrics.jsonl and wandb runs (one group per sweep) under `{res['out_root']}`.")
+    shape, plan = res["model_config"], bench_context.PLAN
+    summary = (
+        f"Full training steps (forward, backward, AdamW) of `{res['model']}` ({shape['n_layer']} layers, d_model "
         f"{shape['d_model']}, vocab {shape['vocab_size']}) on batch 1 of random tokens, "
         f"{'bf16 autocast' if cuda else 'fp32'}, per attention backend with the memory plan on (`+plan`: "
-        f"activation checkpointing `{bench_context.PLAN[0]}`, seq_chunk {bench_context.PLAN[1]}, loss_chunk "
-        f"{bench_context.PLAN[2]}) and off. The context doubles from {human(r.start)} to at most {human(r.max)} "
-        f"until the first out-of-memory (a result: OOM), or a step slower than {r.max_step_seconds} s; "
-        f"{r.steps} step(s) per point" + (f", {r.long_steps} from {human(r.long_from)} on." if r.long_from <= r.max
-                                          else ".")
+        f"activation checkpointing `{plan[0]}`, seq_chunk {plan[1]}, loss_chunk {plan[2]}) and off. The context "
+        f"doubles from {human(r['start'])} to at most {human(r['max'])} until the first out-of-memory (a result: "
+        f"OOM), or a step slower than {r['max_step_seconds']} s; {r['steps']} step(s) per point"
+        + (f", {r['long_steps']} from {human(r['long_from'])} on." if r["long_from"] <= r["max"] else ".")
         + ("" if cuda else " On a CPU our kernels run as `attention=reference` (their CPU path)."))
+    return "E1 memory and throughput vs context", summary, sections
 
 
-def e2_passkey(x: Experiment) -> Path:
-    """Train at each context; score every model on the whole length x depth grid."""
-    r = x.runner
-    contexts, lengths, depths = list(r.contexts), list(r.eval_lengths), list(r.eval_depths)
-    x.check_long_context(lengths + contexts)
-    grids, token_acc = {}, {}
-    for seq_len in contexts:
-        run = x.train(f"ctx{seq_len}", *x.context(seq_len))
-        model = x.load(run["checkpoint"])
-        by_length = [x.passkey_scores(model, length, depths) for length in lengths]
-        grids[seq_len] = [[acc[d][0] for acc in by_length] for d in depths]  # rows depths, columns lengths
-        token_acc[seq_len] = [float(np.mean([acc[d][1] for d in depths])) for acc in by_length]
-        del model
-
+def report_e2(res: dict, out: Path) -> tuple[str, str, list[str]]:
+    r, lengths, depths = res["runner"], res["lengths"], res["depths"]
+    contexts, seeds = list(res["accuracy"]), res["runner"]["seeds"]
+    per_seed_mean = {c: [np.mean(grid, axis=0).tolist() for grid in res["accuracy"][c].values()] for c in contexts}
+    header = ["trained at", *[f"@{human(n)}" for n in lengths]]
+    sections = [
+        f"Teacher-forced passkey accuracy, mean over depths {', '.join(f'{d:g}' for d in depths)} (prompts per "
+        f"cell: {r['eval_trials']}){seed_note(seeds)}:\n\n"
+        + table(header, [[human(int(c)), *[spread([m[j] for m in per_seed_mean[c]]) for j in range(len(lengths))]]
+                         for c in contexts]),
+        "Answer tokens right (of the key's tokens, same prompts; partial progress the table above, which needs "
+        "every token, does not show):\n\n"
+        + table(header, [[human(int(c)), *[spread([t[j] for t in res["token_accuracy"][c].values()])
+                                           for j in range(len(lengths))]] for c in contexts])]
+    for c in contexts:
+        grid = np.mean(list(res["accuracy"][c].values()), axis=0)       # over seeds; rows depths, columns lengths
         fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 2, 0.45 * len(depths) + 1.5), layout="constrained")
-        image = ax.imshow(grids[seq_len], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-        for i, row in enumerate(grids[seq_len]):
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        for i, row in enumerate(grid):
             for j, acc in enumerate(row):
                 ax.text(j, i, f"{acc:.2f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(lengths)), [human(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth (0 = start)")
-        ax.set_title(f"passkey accuracy, model trained at {human(seq_len)}")
+        ax.set_title(f"passkey accuracy, model trained at {human(int(c))}" + (f", mean of {len(seeds)} seeds"
+                                                                             if len(seeds) > 1 else ""))
         fig.colorbar(image, ax=ax, label="accuracy")
-        x.plot(fig, f"passkey_ctx{seq_len}.png", f"passkey heatmap, trained at {human(seq_len)}")
-
-    mean = {seq_len: np.mean(grid, axis=0).tolist() for seq_len, grid in grids.items()}  # over depths
-    x.sections.insert(0, "Teacher-forced passkey accuracy, mean over depths "
-                      f"{', '.join(f'{d:g}' for d in depths)} (prompts per cell: {r.eval_trials}):\n\n"
-                      + table(["trained at", *[f"@{human(n)}" for n in lengths]],
-                              [[human(seq_len), *accs] for seq_len, accs in mean.items()]))
-    x.sections.insert(1, "Answer tokens right (of the key's tokens, same prompts; partial progress the table "
-                      "above, which needs every token, does not show):\n\n"
-                      + table(["trained at", *[f"@{human(n)}" for n in lengths]],
-                              [[human(seq_len), *accs] for seq_len, accs in token_acc.items()]))
-    x.results |= {"lengths": lengths, "depths": depths, "accuracy": {str(k): v for k, v in grids.items()},
-                  "token_accuracy": {str(k): v for k, v in token_acc.items()}}
-    return x.write_report("E2 passkey retrieval vs training context",
-                          f"The same model trained on the same number of tokens at contexts "
-                          f"{', '.join(map(human, contexts))} with `data.passkey_mix={x.cfg.data.passkey_mix}` (that "
-                          "fraction of the training batches are passkey prompts, loss on the answer tokens only, "
-                          "so a run's final loss may be a passkey batch's), then "
-                          "scored on every (length, depth) cell, past its training length too (RoPE).")
+        sections.append(save(fig, out, f"passkey_ctx{c}.png", f"passkey heatmap, trained at {human(int(c))}"))
+    data = res["config"]["data"]
+    summary = (f"The same model ({model_words(res)}) trained on the same number of tokens at contexts "
+               f"{', '.join(human(int(c)) for c in contexts)}, {len(seeds)} seed(s) each, with "
+               f"`data.passkey_mix={data['passkey_mix']}` and `data.passkey_lengths={data['passkey_lengths']}` (that "
+               "fraction of the training batches are passkey prompts, loss on the answer tokens only, so a run's "
+               "final loss may be a passkey batch's), then scored on every (length, depth) cell, past its training "
+               "length too (RoPE).")
+    return "E2 passkey retrieval vs training context", summary, sections
 
 
-def e3_context(x: Experiment) -> Path:
-    """Train at each context with constant tokens per step; loss by position on the same long val windows."""
-    r = x.runner
-    contexts = list(r.contexts)
-    length = r.position_eval_len or max(contexts)
-    x.check_long_context()
-    edges = position_buckets(length)
-    curves, ppl_long = {}, {}
-    for seq_len in contexts:
-        run = x.train(f"ctx{seq_len}", *x.context(seq_len))
-        curves[seq_len], loss = x.loss_by_position(x.load(run["checkpoint"]), length, r.position_eval_windows, edges)
-        ppl_long[seq_len] = math.exp(loss)
-
-    x.sections.append(table(["context", "batch", "val ppl (own context)", f"val ppl ({human(length)} windows)",
-                             "wall-clock (s)", "tokens/s (median)"],
-                            [[human(run["seq_len"]), run["batch_size"], run["val_ppl"], ppl_long[run["seq_len"]],
-                              run["wall_clock_s"], run["tokens_per_s"]] for run in x.runs]))
-    buckets = [f"{lo}-{hi - 1}" for lo, hi in zip(edges, edges[1:])]
-    x.sections.append(f"Val loss by position in the document (windows of {human(length)} tokens: "
-                      f"{r.position_eval_windows}; a model's training context ends at its own length):\n\n"
-                      + table(["position", *[f"ctx {human(c)}" for c in contexts]],
-                              [[b, *[curves[c][i] for c in contexts]] for i, b in enumerate(buckets)]))
+def report_e3(res: dict, out: Path) -> tuple[str, str, list[str]]:
+    r, ev, scores = res["runner"], res["eval"], res["scores"]
+    contexts, seeds, edges = list(scores), r["seeds"], ev["edges"]
+    runs = {(run["seq_len"], run["seed"]): run for run in res["runs"]}
+    sections = [identical_note(ev, [s for c in contexts for s in scores[c].values()]),
+                f"Val loss on those tokens, each model in windows of its own context{seed_note(seeds)}:\n\n" + table(
+                    ["context", "batch", "val loss (nats/token)", "val ppl", "wall-clock (s)", "tokens/s (median)"],
+                    [[human(int(c)), runs[(int(c), seeds[0])]["batch_size"],
+                      spread([s["loss"] for s in scores[c].values()]),
+                      spread([float(np.exp(s["loss"])) for s in scores[c].values()]),
+                      spread([runs[(int(c), seed)]["wall_clock_s"] for seed in seeds]),
+                      spread([runs[(int(c), seed)]["tokens_per_s"] for seed in seeds])] for c in contexts]),
+                "Val loss by position in the piece (p tokens before the target: the most context any model could "
+                f"use; bin lo-hi holds lo <= p < hi, the last also p = hi){seed_note(seeds)}:\n\n"
+                + position_table(edges, {f"ctx {human(int(c))}": list(scores[c].values()) for c in contexts})]
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    mids = [max(1.0, (lo + hi) / 2) for lo, hi in zip(edges, edges[1:])]
-    for seq_len, color in zip(contexts, plt.cm.viridis(np.linspace(0, 0.85, len(contexts)))):
-        ax.plot(mids, np.array(curves[seq_len], dtype=float), marker="o", color=color,
-                label=f"trained at {human(seq_len)}")
-        ax.axvline(seq_len, color=color, linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("position in the document (tokens of context)")
-    ax.set_ylabel("val loss (nats/token)")
-    ax.set_title(f"loss by position, {human(length)}-token val windows (dotted: training context)")
-    ax.legend()
-    x.plot(fig, "loss_by_position.png", "val loss by position")
-    x.results |= {"position_edges": edges, "loss_by_position": {str(k): v for k, v in curves.items()},
-                  "val_ppl_long": {str(k): v for k, v in ppl_long.items()}}
-    return x.write_report("E3 perplexity vs training context",
-                          f"The same model at contexts {', '.join(map(human, contexts))}, with "
-                          f"{r.tokens_per_step} tokens per step at each (the batch shrinks as the context grows), "
-                          "as the FlashAttention paper's GPT-2 1K vs 4K.")
+    for c, color in zip(contexts, plt.cm.viridis(np.linspace(0, 0.85, len(contexts)))):
+        plot_by_position(ax, edges, list(scores[c].values()), f"trained at {human(int(c))}", color)
+        ax.axvline(int(c), color=color, linestyle=":", linewidth=1)
+    ax.set_xlabel("position in the piece (tokens of context available)")
+    ax.set_title(f"val loss by position, the same {ev['tokens']:,} target tokens for every model (dotted: context)",
+                 fontsize=9)
+    sections.append(save(fig, out, "loss_by_position.png", "val loss by position"))
+    summary = (f"The same model ({model_words(res)}) trained at contexts {', '.join(human(int(c)) for c in contexts)}"
+               f" with {r['tokens_per_step']} tokens per step (the batch shrinks as the context grows) and "
+               f"{res['config']['train']['max_steps']} steps, {res['runs'][0]['tokens']:,} tokens per run, "
+               f"{len(seeds)} seed(s) each; then scored on identical val tokens, as the FlashAttention paper's GPT-2 "
+               "1K vs 4K.")
+    return "E3 perplexity vs training context", summary, sections
 
 
-def e4_extend(x: Experiment) -> Path:
-    """Train short; at the long context score the plain model, each RoPE change, and each after a fine-tune."""
-    r = x.runner
-    short, long = r.short_context, r.long_context
-    depths = list(r.eval_depths)
-    x.check_long_context([short, long])
-    edges = position_buckets(long)
-    base = x.train(f"short{short}", *x.context(short))["checkpoint"]
-    rows, curves = [], {}
-
-    def evaluate(label: str, model: GPT, length: int) -> None:
-        accs = x.passkey(model, length, depths)
-        curves[label], loss = x.loss_by_position(model, length, r.eval_windows, edges)
-        rows.append({"variant": label, "length": length, "val_ppl": math.exp(loss),
-                     "passkey_acc": sum(accs.values()) / len(accs), "by_depth": list(accs.values())})
-
-    evaluate(f"trained at {human(short)}, at its own length", x.load(base), short)
-    evaluate("plain (RoPE unchanged)", x.load(base), long)
-    for method, changes in r.methods.items():
-        changes = OmegaConf.to_container(changes, resolve=True)
-        evaluate(f"{method}, no fine-tune", x.load(base, **changes), long)
-        tuned = x.train(f"finetune_{method}", *x.context(long), *[f"model.{k}={v}" for k, v in changes.items()],
-                        path_override("train.init_from", base), *[f"train.{k}={v}" for k, v in r.finetune.items()])
-        evaluate(f"{method} + {tuned['steps']}-step fine-tune", x.load(tuned["checkpoint"]), long)
-
-    resolved = {m: OmegaConf.to_container(c, resolve=True) for m, c in r.methods.items()}
-    methods = "; ".join(f"{m}: " + ", ".join(f"`model.{k}={v}`" for k, v in c.items()) for m, c in resolved.items())
-    x.sections.append(table(["variant", "eval length", "val ppl", "passkey acc",
-                             *[f"acc @depth {d:g}" for d in depths]],
-                            [[v["variant"], human(v["length"]), v["val_ppl"], v["passkey_acc"], *v["by_depth"]]
-                             for v in rows]))
+def report_e4(res: dict, out: Path) -> tuple[str, str, list[str]]:
+    r, ev, variants = res["runner"], res["eval"], res["variants"]
+    short, long, depths = r["short_context"], r["long_context"], r["eval_depths"]
+    sections = [identical_note(ev, variants), table(
+        ["variant", "windows", "val loss", "val ppl", "passkey acc", *[f"acc @depth {d:g}" for d in depths]],
+        [[v["variant"], human(v["context"]), v["loss"], float(np.exp(v["loss"])), v["passkey_acc"], *v["by_depth"]]
+         for v in variants])]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=[3, 2], layout="constrained")
-    mids = [max(1.0, (lo + hi) / 2) for lo, hi in zip(edges, edges[1:])]
-    for row in rows[1:]:  # the reference row scores shorter windows
-        ax_loss.plot(mids, np.array(curves[row["variant"]], dtype=float), marker="o", label=row["variant"])
+    for v in variants:
+        plot_by_position(ax_loss, ev["edges"], [v], v["variant"], None)
     ax_loss.axvline(short, color="gray", linestyle=":", linewidth=1)
-    ax_loss.set_xscale("log")
-    ax_loss.set_xlabel("position in the document (tokens of context)")
-    ax_loss.set_ylabel("val loss (nats/token)")
-    ax_loss.set_title(f"loss by position at {human(long)} (dotted: training context {human(short)})")
-    ax_loss.legend(fontsize=8, loc="best")
-    ax_acc.barh([row["variant"] for row in rows][::-1], [row["passkey_acc"] for row in rows][::-1])
+    ax_loss.set_xlabel("position in the piece (tokens of context available)")
+    ax_loss.set_title(f"loss by position, the same tokens for every row (dotted: training context {human(short)})",
+                      fontsize=9)
+    ax_loss.legend(fontsize=7, loc="best")
+    ax_acc.barh([v["variant"] for v in variants][::-1], [v["passkey_acc"] for v in variants][::-1])
     ax_acc.set_xlim(0, 1)
     ax_acc.set_xlabel("passkey accuracy")
     ax_acc.set_title("passkey retrieval (mean over depths)")
-    x.plot(fig, "extension.png", "context extension: loss by position and passkey accuracy")
-    x.results |= {"variants": rows, "position_edges": edges, "loss_by_position": curves}
-    return x.write_report("E4 context extension by RoPE scaling",
-                          f"A model trained at {human(short)}, evaluated at {human(long)}: unchanged, with each "
-                          f"RoPE change ({methods}) and after fine-tuning with it at {human(long)} from the "
-                          f"{human(short)} weights (`train.init_from`). Passkey prompts per depth: {r.eval_trials}; "
-                          f"val windows: {r.eval_windows}.")
+    sections.append(save(fig, out, "extension.png", "context extension: loss by position and passkey accuracy"))
+    methods = "; ".join(f"{m}: " + (", ".join(f"`model.{k}={v}`" for k, v in c.items()) or "RoPE as trained")
+                        for m, c in res["methods"].items())
+    tuned = [run for run in res["runs"] if run["run"].startswith("finetune_")]
+    summary = (f"A model ({model_words(res)}) trained at {human(short)} ({res['runs'][0]['steps']} steps, "
+               f"{res['runs'][0]['tokens']:,} tokens), run at {human(long)} with each RoPE method ({methods}), as it "
+               f"is and after the same fine-tune at {human(long)} from the {human(short)} weights "
+               f"(`train.init_from`; {tuned[0]['steps']} steps, {tuned[0]['tokens']:,} tokens each); the `none` "
+               "fine-tune is the control: how much of a method's gain the fine-tune alone gives. Passkey prompts "
+               f"per depth: {r['eval_trials']}.")
+    return "E4 context extension by RoPE scaling", summary, sections
 
 
-EXPERIMENTS = {"e1_scaling": e1_scaling, "e2_passkey": e2_passkey, "e3_context": e3_context, "e4_extend": e4_extend}
+REPORTS = {"e1_scaling": report_e1, "e2_passkey": report_e2, "e3_context": report_e3, "e4_extend": report_e4}
+
+
+def write_report(res: dict, report_dir: Path) -> Path:
+    """report.md (and its PNGs) in report_dir from a results.json's contents, nothing else: the same
+    file whether written at the end of a run or rebuilt later with --report-only."""
+    title, summary, sections = REPORTS[res["base"]](res, report_dir)
+    lines = [f"# {title}: `{res['experiment']}`", "", summary, ""]
+    if (reading := report_dir / "reading.md").exists():  # written by hand after a run; kept across rebuilds
+        lines += [reading.read_text().strip(), ""]
+    lines += ["## Results", "", *[s + "\n" for s in sections]]
+    runs = res["runs"]
+    if runs:
+        c = res["corpus"]
+        lines += ["## Corpus", "",
+                  f"`data.source={c['source']}`: {c['documents']:,} documents, {c['characters']:,} characters; "
+                  f"{c['tokens']['train']:,} train and {c['tokens']['val']:,} val tokens at vocab {c['vocab_size']} "
+                  f"(documents held out whole, `data.val_fraction={res['config']['data']['val_fraction']}`). "
+                  f"Fingerprint `{c['fingerprint']}` (sha256 of the documents' names and texts: the same corpus "
+                  "exactly when the fingerprints match; the site corpus follows what is installed). Longest "
+                  "documents:", "",
+                  table(["document", "tokens", "split"], [[d["name"], f"{d['tokens']:,}", d["split"]]
+                                                          for d in c["longest"]]), ""]
+        lines += ["## Training runs", "",
+                  table(["run", "context", "batch", "seed", "steps", "tokens", "wall-clock (s)", "tokens/s (median)",
+                         "final loss", "val ppl (train()'s own windows)"],
+                        [[r["run"], r["seq_len"], r["batch_size"], r["seed"], r["steps"], r["tokens"],
+                          r["wall_clock_s"], r["tokens_per_s"], r["loss"], r["val_ppl"]] for r in runs]), "",
+                  "Wall-clock is the whole train() call (evaluations and checkpoints included; data prepared "
+                  "before the first run). The last column is train()'s validation, random windows of each run's "
+                  "own length: not the same text across contexts (the results above are). Outputs "
+                  f"(metrics.jsonl, checkpoints, wandb) under `{res['out_root']}`.", ""]
+    lines += ["## Reproduce", "", "```bash", res["command"], "```", ""]
+    if runs:
+        train_commands = "\n".join(shlex.join(["python", "train.py", f"experiment={res['experiment']}",
+                                               *res["overrides"], *r["overrides"]]) for r in runs)
+        lines += ["Config overrides given on the command line (applied to every run): "
+                  + (", ".join(f"`{o}`" for o in res["overrides"]) or "none") + ". "
+                  f"Each training run is `train.py` with `configs/experiment/{res['experiment']}.yaml` and these "
+                  "overrides (from the repository's root):", "", "```bash", train_commands, "```", ""]
+    lines += ["## Environment", "", *[f"- {k}: {v}" for k, v in res["environment"].items()], ""]
+    path = report_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def report_only(results: Path) -> Path:
+    """Rebuild report.md and its plots beside `results` (a results.json) without training."""
+    if not results.exists():
+        raise ConfigError("--report-only", f"no {relative(results)}", "run the experiment first (or pass --reports)")
+    res = json.loads(results.read_text())
+    if res.get("format") != FORMAT:
+        raise ConfigError("--report-only", f"{relative(results)} has format {res.get('format')!r}, this script "
+                          f"writes {FORMAT}", "run the experiment again to regenerate its results")
+    return write_report(res, results.parent)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -435,13 +567,24 @@ def path_override(key: str, path) -> str:
     return f"{key}={path}" if re.fullmatch(r"[\w/.:+ -]+", str(path)) else f"{key}='{path}'"
 
 
+def relative(path) -> str:
+    """path relative to the repository's root: what results.json and the reports hold (no machine paths)."""
+    return os.path.relpath(path, ROOT)
+
+
+def shown(override: str) -> str:
+    """An override as the report shows it: an absolute path value made relative to the repository."""
+    key, _, value = override.partition("=")
+    value = value.strip("'")
+    return path_override(key, relative(value)) if os.path.isabs(value) else override
+
+
 def human(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def position_buckets(length: int) -> list[int]:
-    """0, 16, 32, 64, ... doubling, then length: finer where the loss changes fastest."""
-    return [0, *[2 ** i for i in range(4, max(4, math.ceil(math.log2(length))))], length]
+def method_label(method: str, changes: dict) -> str:
+    return f"{method} (RoPE unchanged)" if not changes else method
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -449,6 +592,64 @@ def table(header: list[str], rows: list[list]) -> str:
         return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                       *["| " + " | ".join(map(cell, row)) + " |" for row in rows]])
+
+
+def spread(values: list) -> float | str | None:
+    """Over seeds: one value as is, several as 'mean ± sample standard deviation'; None if any is None."""
+    if any(v is None for v in values):
+        return None
+    if len(values) == 1:
+        return float(values[0])
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def seed_note(seeds: list[int]) -> str:
+    return f"; mean ± standard deviation over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
+
+
+def model_words(res: dict) -> str:
+    m, n = res["config"]["model"], res["parameters"]
+    size = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+    return f"{size} parameters: {m['n_layer']} layers, d_model {m['d_model']}, vocab {res['corpus']['vocab_size']}"
+
+
+def identical_note(ev: dict, summaries: list[dict]) -> str:
+    """What every model was scored on, and whether they all scored the very same tokens (one digest)."""
+    digests = sorted({s["digest"] for s in summaries})
+    same = (f"all {len(summaries)} evaluations scored these same tokens (digest `{digests[0]}`)" if len(digests) == 1
+            else f"**the {len(summaries)} evaluations did NOT score the same tokens** (digests {', '.join(digests)})")
+    return (f"Every model is scored on the same {ev['tokens']:,} val target tokens: {ev['pieces']} pieces of at most "
+            f"{human(ev['length'])} + 1 tokens from {ev['documents']} of the {ev['val_documents']} val documents "
+            f"(`runner.eval_tokens`, taken round-robin over documents), each read in windows of the model's own "
+            f"context, stride {ev['stride']:g} x context (training/eval_tokens.py); {same}.")
+
+
+def position_table(edges: list[int], curves: dict[str, list[dict]]) -> str:
+    """Loss by position bin, one column per curve (its summaries: one per seed), and the bin's token count."""
+    first = next(iter(curves.values()))[0]
+    return table(["position", "tokens", *curves],
+                 [[f"{human(lo)}-{human(hi - 1 if i == len(edges) - 2 else hi)}", first["tokens_by_bin"][i],
+                   *[spread([s["loss_by_bin"][i] for s in summaries]) for summaries in curves.values()]]
+                  for i, (lo, hi) in enumerate(zip(edges, edges[1:]))])
+
+
+def plot_by_position(ax, edges: list[int], summaries: list[dict], label: str, color) -> None:
+    """One curve of loss by position bin (at the bins' geometric middles), mean over the summaries (seeds)
+    with their min-max as a band."""
+    mids = [float(np.sqrt(lo * max(lo, hi - 1))) for lo, hi in zip(edges, edges[1:])]
+    curves = np.array([[np.nan if v is None else v for v in s["loss_by_bin"]] for s in summaries], dtype=float)
+    line, = ax.plot(mids, curves.mean(axis=0), marker="o", color=color, label=label)
+    if len(summaries) > 1:
+        ax.fill_between(mids, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_ylabel("val loss (nats/token)")
+    ax.legend(fontsize=8)
+
+
+def save(fig, out: Path, filename: str, alt: str) -> str:
+    fig.savefig(out / filename, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return f"![{alt}]({filename})"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -474,8 +675,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help=f"one of {', '.join(EXPERIMENTS)} (a _smoke suffix = --smoke)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. train.max_steps=500")
     parser.add_argument("--smoke", action="store_true", help="the CPU-sized variant: <name>_smoke.yaml")
-    parser.add_argument("--reports", type=Path, default=ROOT / "reports",
-                        help="report.md, results.json and PNGs go to REPORTS/<name>/")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no training: rebuild REPORTS/<name>/report.md and its plots from its results.json")
+    parser.add_argument("--reports", type=Path, default=None,
+                        help="report.md, results.json and PNGs go to REPORTS/<name>/ (default: reports/, and "
+                             "outputs/reports/ for --smoke, so a CPU run never replaces a committed report)")
     parser.add_argument("--outputs", type=Path, default=ROOT / "outputs" / "experiments",
                         help="runs go to OUTPUTS/<name>/<date_time>/<run>/")
     args = parser.parse_intermixed_args(argv)
@@ -484,11 +688,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"experiment.py: unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}",
               file=sys.stderr)
         return 2
-    name = f"{base}_smoke" if args.smoke or args.name != base else base
+    smoke = args.smoke or args.name != base
+    name = f"{base}_smoke" if smoke else base
+    reports = (args.reports or ROOT / ("outputs/reports" if smoke else "reports")).resolve()
     command = shlex.join(["python", "scripts/experiment.py", *(sys.argv[1:] if argv is None else argv)])
     try:
-        report = EXPERIMENTS[base](Experiment(name, args.overrides, args.outputs.resolve(), args.reports.resolve(),
-                                              command))
+        if args.report_only:
+            if args.overrides:
+                raise ConfigError("--report-only", f"takes no overrides, got {' '.join(args.overrides)}",
+                                  "the results are rendered as they are")
+            report = report_only(reports / name / "results.json")
+        else:
+            x = Experiment(name, args.overrides, args.outputs.resolve(), reports, command)
+            EXPERIMENTS[base](x)
+            report = x.finish()
     except (ConfigError, HydraException) as e:  # a user's mistake: one line, no traceback
         print(f"config error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ CPU only and offline: the stdlib corpus capped with max_docs, small vocabularies
 
 import dataclasses
 import json
+import sysconfig
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +18,8 @@ from hydra import compose, initialize_config_dir
 
 import data
 from data import packing, tokenizer as tokenizer_mod
-from data.corpus import file_corpus, hub_corpus, stdlib_corpus
+from data.corpus import (PROJECT_DISTRIBUTION, corpus_fingerprint, file_corpus, hub_corpus, site_corpus, site_roots,
+                         stdlib_corpus)
 from data.packing import split_documents, token_dtype
 from data.tasks import PasskeyTask, mqar_accuracy, mqar_batch, passkey_scores
 from data.tokenizer import EOT, get_tokenizer, training_texts
@@ -69,6 +72,82 @@ def test_stdlib_file_documents():
     assert "asyncio/tasks.py" in names and "os.py" in names
     assert not any("/test/" in f"/{n}" or "/tests/" in f"/{n}" for n in names)
     assert len(stdlib_corpus("file", include_tests=False, max_docs=7)) == 7
+
+
+@pytest.fixture
+def site_packages(tmp_path):
+    """Two fake site-packages directories (purelib, platlib): packages, modules, a test suite, a stale cache,
+    a file that is not UTF-8, distribution metadata, and this project installed (editable finder + package)."""
+    pure, plat = tmp_path / "purelib", tmp_path / "platlib"
+    files = {
+        pure / "pkg" / "__init__.py": "A = 1\n",
+        pure / "pkg" / "sub" / "mod.py": "B = 2\n",
+        pure / "pkg" / "tests" / "test_pkg.py": "def test_a(): pass\n",
+        pure / "pkg" / "__pycache__" / "stale.py": "STALE\n",
+        pure / "pkg" / "notes.txt": "not source\n",
+        pure / "alone.py": "C = 3\n",
+        pure / "other-1.0.dist-info" / "METADATA": "Metadata-Version: 2.1\nName: other\nVersion: 1.0\n",
+        pure / "other-1.0.dist-info" / "hook.py": "METADATA\n",
+        pure / "model" / "__init__.py": "OURS = 1\n",
+        pure / "__editable___longctx_0_1_0_finder.py": "MAPPING = {'model': '/home/someone/longctx/model'}\n",
+        pure / "longctx-0.1.0.dist-info" / "METADATA": "Metadata-Version: 2.1\nName: longctx\nVersion: 0.1.0\n",
+        pure / "longctx-0.1.0.dist-info" / "RECORD": "model/__init__.py,,\n__editable___longctx_0_1_0_finder.py,,\n"
+                                                     "longctx-0.1.0.dist-info/METADATA,,\n",
+        plat / "pkg" / "ext.py": "D = 4\n",
+        plat / "binmod.py": "E = 5\n",
+    }
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (pure / "pkg" / "latin.py").write_bytes(b"S = '\xe9'\n")     # latin-1: skipped, its package stays
+    (pure / "latin_only.py").write_bytes(b"# caf\xe9\n")          # a module that is not UTF-8: no document
+    return [pure, plat]
+
+
+def test_site_package_documents(site_packages):
+    corpus = site_corpus("package", include_tests=True, max_docs=None, roots=site_packages)
+    assert corpus["name"][:] == ["alone.py", "binmod.py", "pkg"]      # sorted; our own code and metadata left out
+    pkg = corpus["text"][2]
+    assert pkg == ("# file: pkg/__init__.py\nA = 1\n\n# file: pkg/sub/mod.py\nB = 2\n\n"
+                   "# file: pkg/tests/test_pkg.py\ndef test_a(): pass\n\n# file: pkg/ext.py\nD = 4\n")
+    assert corpus["text"][0] == "# file: alone.py\nC = 3\n"
+    no_tests = site_corpus("package", include_tests=False, max_docs=None, roots=site_packages)
+    assert "test_pkg" not in no_tests["text"][2] and "# file: pkg/sub/mod.py" in no_tests["text"][2]
+    files = site_corpus("file", include_tests=True, max_docs=2, roots=site_packages)
+    assert files["name"][:] == ["alone.py", "binmod.py"]
+    # the same files, the same corpus; a changed file, another fingerprint
+    assert corpus_fingerprint(site_corpus("package", True, None, roots=site_packages)) == corpus_fingerprint(corpus)
+    (site_packages[0] / "pkg" / "sub" / "mod.py").write_text("B = 3\n")
+    assert corpus_fingerprint(site_corpus("package", True, None, roots=site_packages)) != corpus_fingerprint(corpus)
+
+
+def test_site_roots_are_the_interpreters_site_packages():
+    paths = sysconfig.get_paths()
+    assert site_roots() == list(dict.fromkeys(Path(paths[k]).resolve() for k in ("purelib", "platlib")))
+    # the project's distribution name is pyproject's: what site_corpus leaves out when it is installed
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["name"] == PROJECT_DISTRIBUTION
+
+
+def test_site_source_builds(site_packages, tmp_path, monkeypatch):
+    """data=site (configs/data/site.yaml): the installed packages' source, through build_data."""
+    monkeypatch.setattr(data.corpus, "site_roots", lambda: site_packages)
+    bundle = data.build_data(data_cfg(["vocab_size=300", "val_fraction=0.3"], name="site"), tmp_path / "cache")
+    assert bundle.config.source == "site" and bundle.config.include_tests
+    assert bundle.train.num_docs + bundle.val.num_docs == 3
+    texts = [bundle.tokenizer.decode(split.doc(i).tolist()) for split in (bundle.train, bundle.val)
+             for i in range(split.num_docs)]
+    assert any(t.startswith("# file: pkg/__init__.py\n") for t in texts) and not any("OURS" in t for t in texts)
+
+
+def test_corpus_fingerprint_is_of_names_and_texts():
+    def fingerprint(names, texts):
+        return corpus_fingerprint(datasets.Dataset.from_dict({"name": names, "text": texts}))
+    base = fingerprint(["a", "b"], ["xy", "z"])
+    assert base == fingerprint(["a", "b"], ["xy", "z"]) and len(base) == 16
+    # a moved boundary, a renamed document, another order: each another corpus
+    assert len({base, fingerprint(["a", "b"], ["x", "yz"]), fingerprint(["a", "c"], ["xy", "z"]),
+                fingerprint(["b", "a"], ["z", "xy"])}) == 4
 
 
 # --- tokenizer ----------------------------------------------------------------------------------------
@@ -424,6 +503,8 @@ def test_mqar_batch_and_accuracy():
     ("stdlib", ["doc_masking=maybe"], "data.doc_masking"),
     ("stdlib", ["tokenizer_path=/nonexistent/tokenizer.json"], "data.tokenizer_path"),
     ("stdlib", ["+colour=blue"], "data.colour"),
+    ("site", ["include_tests=maybe"], "data.include_tests"),
+    ("site", ["doc_unit=module"], "data.doc_unit"),
     ("files", [], "data.paths"),
     ("files", ["paths=[/nonexistent/*.jsonl]"], "data.paths"),
     ("hf", [], "data.name"),

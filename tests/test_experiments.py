@@ -1,10 +1,12 @@
 """scripts/experiment.py end to end on CPU: each experiment's smoke variant (configs/experiment/*_smoke.yaml)
-trains its runs through train(), evaluates the checkpoints and writes its report, all under tmp_path;
-and train.init_from, the weights-only start that E4's fine-tunes use."""
+trains its runs through train(), evaluates the checkpoints and writes results.json and the report built
+from it, all under tmp_path; the report rebuilt by --report-only; and train.init_from, the weights-only
+start that E4's fine-tunes use."""
 import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import train as train_module
+from data.corpus import corpus_fingerprint, stdlib_corpus
 from training.checkpoint import LATEST, load_checkpoint
 from training.validate import ConfigError, validate
 
@@ -32,8 +35,8 @@ def cache_dir(tmp_path_factory):
 
 def run_smoke(name: str, tmp_path: Path, cache_dir: Path, *overrides: str) -> tuple[Path, dict]:
     """Run `name`'s smoke variant; its report directory and results.json, after the checks every report passes."""
-    code = experiment.main([name, "--smoke", "--reports", str(tmp_path / "reports"),
-                            "--outputs", str(tmp_path / "outputs"), f"cache_dir={cache_dir}", *overrides])
+    args = [name, "--smoke", "--reports", str(tmp_path / "reports")]
+    code = experiment.main([*args, "--outputs", str(tmp_path / "outputs"), f"cache_dir={cache_dir}", *overrides])
     assert code == 0
     report_dir = tmp_path / "reports" / f"{name}_smoke"
     report = (report_dir / "report.md").read_text()
@@ -41,14 +44,56 @@ def run_smoke(name: str, tmp_path: Path, cache_dir: Path, *overrides: str) -> tu
     assert f"python scripts/experiment.py {name} --smoke" in report  # the command
     assert f"python train.py experiment={name}_smoke " in report     # each run's overrides
     assert f"torch: {torch.__version__}" in report and "- device: " in report
+    # no machine paths: outputs and checkpoints are named relative to the repository (../../tmp/... here);
+    # what the command line gave (the test's absolute directories) is shown as it was given
+    rest = report
+    for given in (f"cache_dir={cache_dir}", str(tmp_path / "reports"), str(tmp_path / "outputs")):
+        rest = rest.replace(given, "")
+    assert not re.search(rf"(?<![\w.])({re.escape(str(tmp_path))}|{re.escape(str(experiment.ROOT))})", rest)
     for image in report.split("](")[1:]:                            # every plot it links exists and is a PNG
         png = report_dir / image.split(")")[0]
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000, png
     results = json.loads((report_dir / "results.json").read_text())
+    assert results["format"] == experiment.FORMAT and results["experiment"] == f"{name}_smoke"
     for run in results["runs"]:  # the normal train() path ran and logged
         assert math.isfinite(run["val_ppl"]) and run["wall_clock_s"] > 0
-        assert (Path(run["out_dir"]) / "metrics.jsonl").stat().st_size > 0
+        assert not Path(run["out_dir"]).is_absolute()
+        assert (experiment.ROOT / run["out_dir"] / "metrics.jsonl").stat().st_size > 0
+    check_corpus(results["corpus"], report)
+
+    # the report is a function of results.json alone: rebuilt without training, it is the same file
+    (report_dir / "report.md").unlink()
+    for png in report_dir.glob("*.png"):
+        png.unlink()
+    assert experiment.main([*args, "--report-only"]) == 0
+    assert (report_dir / "report.md").read_text() == report
+    assert all((report_dir / image.split(")")[0]).exists() for image in report.split("](")[1:])
     return report_dir, results
+
+
+def check_corpus(corpus: dict, report: str) -> None:
+    """The smoke variants' corpus (12 stdlib package documents), as results.json and the report record it."""
+    documents = stdlib_corpus("package", include_tests=False, max_docs=12)
+    assert corpus["source"] == "stdlib" and corpus["documents"] == 12
+    assert corpus["fingerprint"] == corpus_fingerprint(documents)
+    assert corpus["characters"] == sum(map(len, documents["text"]))
+    longest = corpus["longest"]
+    assert [d["tokens"] for d in longest] == sorted((d["tokens"] for d in longest), reverse=True)
+    assert {d["name"] for d in longest} <= set(documents["name"]) and {d["split"] for d in longest} <= {"train", "val"}
+    # every document is a train or a val one: the tokens of both splits, each document with its EOT
+    assert sum(corpus["tokens"].values()) > sum(d["tokens"] for d in longest)
+    assert f"Fingerprint `{corpus['fingerprint']}`" in report and f"| {longest[0]['name']} |" in report
+
+
+def check_identical_tokens(results: dict, summaries: list[dict]) -> None:
+    """Every model scored the same val targets: one digest, the evaluation's token count, the same bins."""
+    ev = results["eval"]
+    assert len({s["digest"] for s in summaries}) == 1 and len(summaries) > 1
+    assert all(s["tokens"] == ev["tokens"] == sum(s["tokens_by_bin"]) for s in summaries)
+    assert len({tuple(s["tokens_by_bin"]) for s in summaries}) == 1
+    for s in summaries:
+        assert len(s["loss_by_bin"]) == len(ev["edges"]) - 1 and math.isfinite(s["loss"])
+        assert all(loss is None or math.isfinite(loss) for loss in s["loss_by_bin"]) and s["loss_by_bin"][0] is not None
 
 
 @pytest.mark.slow
@@ -88,13 +133,13 @@ def test_e1_scaling_smoke(tmp_path):
 def test_e2_passkey_smoke(tmp_path, cache_dir):
     report_dir, results = run_smoke("e2_passkey", tmp_path, cache_dir)
     contexts = [run["seq_len"] for run in results["runs"]]
-    assert contexts == [128, 256, 512]
+    assert contexts == [128, 256, 512] and [run["seed"] for run in results["runs"]] == [0, 0, 0]
     assert len({run["tokens"] for run in results["runs"]}) == 1   # the same token budget at every context
     for seq_len in contexts:
-        grid = results["accuracy"][str(seq_len)]                   # rows depths, columns lengths
+        grid = results["accuracy"][str(seq_len)]["0"]              # seed 0: rows depths, columns lengths
         assert len(grid) == len(results["depths"]) and all(len(row) == len(results["lengths"]) for row in grid)
         assert all(0 <= acc <= 1 for row in grid for acc in row)
-        tokens = results["token_accuracy"][str(seq_len)]          # per length, mean over depths
+        tokens = results["token_accuracy"][str(seq_len)]["0"]     # per length, mean over depths
         assert len(tokens) == len(results["lengths"]) and all(0 <= acc <= 1 for acc in tokens)
         assert (report_dir / f"passkey_ctx{seq_len}.png").exists()
     assert "Answer tokens right" in (report_dir / "report.md").read_text()
@@ -102,33 +147,46 @@ def test_e2_passkey_smoke(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_e3_context_smoke(tmp_path, cache_dir):
+    """Two seeds per context at the same tokens per step; all six models scored on identical val tokens."""
     report_dir, results = run_smoke("e3_context", tmp_path, cache_dir)
     runs = results["runs"]
-    assert [run["seq_len"] * run["batch_size"] for run in runs] == [512] * 3  # batch shrinks as context grows
-    assert all(math.isfinite(ppl) for ppl in results["val_ppl_long"].values())
-    for curve in results["loss_by_position"].values():
-        assert len(curve) == len(results["position_edges"]) - 1
-        assert all(loss is None or math.isfinite(loss) for loss in curve) and curve[0] is not None
+    assert [(run["seq_len"], run["seed"]) for run in runs] == [(c, s) for c in (64, 128, 256) for s in (0, 1)]
+    assert {run["seq_len"] * run["batch_size"] for run in runs} == {512}   # batch shrinks as context grows
+    assert len({run["tokens"] for run in runs}) == 1
+    scores = results["scores"]
+    assert list(scores) == ["64", "128", "256"] and all(list(by_seed) == ["0", "1"] for by_seed in scores.values())
+    assert scores["64"]["0"]["loss"] != scores["64"]["1"]["loss"]          # the seeds trained different models
+    check_identical_tokens(results, [s for by_seed in scores.values() for s in by_seed.values()])
+    assert results["eval"]["length"] == 256 and results["eval"]["tokens"] == 2048   # runner.eval_tokens
+    report = (report_dir / "report.md").read_text()
+    assert "all 6 evaluations scored these same tokens" in report and " ± " in report   # mean ± sd over seeds
     assert (report_dir / "loss_by_position.png").exists()
 
 
 @pytest.mark.slow
 def test_e4_extend_smoke(tmp_path, cache_dir):
     report_dir, results = run_smoke("e4_extend", tmp_path, cache_dir)
-    assert [run["run"] for run in results["runs"]] == ["short128", "finetune_pi", "finetune_theta", "finetune_yarn"]
+    methods = ["none", "pi", "theta", "yarn"]
+    assert [run["run"] for run in results["runs"]] == ["short128", *[f"finetune_{m}" for m in methods]]
     short, *tuned = results["runs"]
+    assert len({(run["steps"], run["tokens"]) for run in tuned}) == 1   # the same fine-tune for every method
     for run in tuned:  # fine-tuned at the long context from the short run's weights
         assert run["seq_len"] == 1024 and run["steps"] == 5
         assert f"train.init_from={short['checkpoint']}" in run["overrides"]
-    assert load_checkpoint(tuned[0]["checkpoint"])["model_config"]["rope_scaling_factor"] == 8.0
-    assert load_checkpoint(tuned[1]["checkpoint"])["model_config"]["rope_theta"] == 100000.0
-    yarn = load_checkpoint(tuned[2]["checkpoint"])["model_config"]
-    assert (yarn["rope_scaling"], yarn["rope_scaling_factor"], yarn["rope_original_seq_len"]) == ("yarn", 8.0, 128)
+    config = [load_checkpoint(experiment.ROOT / run["checkpoint"])["model_config"] for run in tuned]
+    plain = config[0]                                                   # the control: RoPE as trained
+    assert (plain["rope_scaling_factor"], plain["rope_theta"], plain["rope_scaling"]) == (1.0, 10000.0, "linear")
+    assert config[1]["rope_scaling_factor"] == 8.0
+    assert config[2]["rope_theta"] == 100000.0
+    assert (config[3]["rope_scaling"], config[3]["rope_scaling_factor"], config[3]["rope_original_seq_len"]) == (
+        "yarn", 8.0, 128)
     variants = results["variants"]
-    assert len(variants) == 8 and [v["length"] for v in variants] == [128] + [1024] * 7
+    assert [(v["method"], v["finetune_steps"]) for v in variants] == [(None, 0)] + [
+        (m, steps) for m in methods for steps in (0, 5)]
+    assert [v["context"] for v in variants] == [128] + [1024] * 8
+    check_identical_tokens(results, variants)        # the 128-token windows too: every row on the same tokens
     for v in variants:
         assert 0 <= v["passkey_acc"] <= 1 and all(0 <= acc <= 1 for acc in v["by_depth"])
-        assert math.isfinite(v["val_ppl"])
     assert (report_dir / "extension.png").exists()
 
 
@@ -144,12 +202,29 @@ def test_unknown_experiment_is_one_line(capsys):
     ("train.lr=abc", "train.lr"),                       # validate(), before any data is built
     ("train.no_such_key=1", "train.no_such_key"),        # Hydra's own composition error
     ("runner.tokens_per_step=1000", "runner.tokens_per_step"),  # not a multiple of the contexts
+    ("runner.seeds=[0,0]", "runner.seeds"),
+    ("runner.eval_stride=2", "runner.eval_stride"),      # checked with the pieces, before the first run
+    ("runner.eval_tokens=0", "runner.eval_tokens"),
+    ("runner.eval_length=128", "runner.eval_length"),    # shorter than the longest context
 ])
 def test_config_error_is_one_line(tmp_path, cache_dir, capsys, override, key):
-    code = experiment.main(["e3_context_smoke", "--reports", str(tmp_path), "--outputs", str(tmp_path),
+    code = experiment.main(["e3_context_smoke", "--reports", str(tmp_path), "--outputs", str(tmp_path / "out"),
                             f"cache_dir={cache_dir}", override])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("config error: ") and key in err[-1]
+    assert not (tmp_path / "out").exists()              # no run started
+
+
+def test_report_only_needs_current_results(tmp_path, capsys):
+    """--report-only with no results.json, or one this script did not write (an older layout): one line."""
+    args = ["e3_context", "--report-only", "--reports", str(tmp_path)]
+    assert experiment.main(args) == 2
+    assert "no " in capsys.readouterr().err and not (tmp_path / "e3_context" / "report.md").exists()
+    (tmp_path / "e3_context").mkdir()
+    (tmp_path / "e3_context" / "results.json").write_text(json.dumps({"experiment": "e3_context", "runs": []}))
+    assert experiment.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "format None" in err[0] and not (tmp_path / "e3_context" / "report.md").exists()
 
 
 def test_e1_runner_overrides(tmp_path, capsys):
