@@ -161,3 +161,28 @@ def blockwise_attention(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqle
     outs.append(q.new_zeros(tail, *q.shape[1:]))
     lses.append(torch.full((q.shape[1], tail), float("-inf"), device=q.device))
     return torch.cat(outs), torch.cat(lses, dim=-1)
+
+
+def blockwise_attention_backward(dout, q, k, v, out, lse, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
+                                 block=256):
+    """Gradients (dq, dk, dv) of ``blockwise_attention`` from the ``(out, lse)`` a forward call returned, without
+    running the forward again: the CPU counterpart of ``flash_attn_backward``, float64 allowed. Layouts as in
+    ``blockwise_attention``; ``out``/``lse`` may come from elsewhere (a context-parallel ring passes the global
+    ones), and P is then recomputed against that LSE."""
+    from types import SimpleNamespace
+
+    def one(do, q, k, v, o, l):
+        # BlockwiseAttention.backward reads only the saved tensors and args of its ctx: hand it what its
+        # forward would have saved, so the backward math stays in one place
+        ctx = SimpleNamespace(saved_tensors=(q, k, v, o, l), args=(scale, left, right, block))
+        return BlockwiseAttention.backward(ctx, do, None)[:3]
+
+    if cu_seqlens_q is None:
+        return one(dout, q, k, v, out, lse)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cq) - 1):
+        sq, sk = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+        grads = one(dout[None, sq], q[None, sq], k[None, sk], v[None, sk], out[None, sq], lse[None, :, sq])
+        dq[sq], dk[sk], dv[sk] = (g[0] for g in grads)
+    return dq, dk, dv

@@ -174,6 +174,13 @@ def attention(q, k, v, backend: str, *, cu_seqlens=None, window: int = -1, sdpa_
 
 
 class CausalSelfAttention(nn.Module):
+    # The functions attend / attend_keep / attend_backward call, with the signatures of attention,
+    # attention_keep and attention_backward above. A system applied from outside sets its own on the
+    # instance (context parallelism: training/context_parallel.py); the model knows only these.
+    attention_fn = staticmethod(attention)
+    attention_keep_fn = staticmethod(attention_keep)
+    attention_backward_fn = staticmethod(attention_backward)
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
@@ -222,18 +229,18 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q, k, v, cu_seqlens=None, backend=None):
         """Mixing across tokens: -> (B, Tq, n_head * hd), before the output projection."""
-        y = attention(q, k, v, backend or self.backend, **self._options(cu_seqlens))
+        y = self.attention_fn(q, k, v, backend or self.backend, **self._options(cu_seqlens))
         return y.reshape(q.shape[0], q.shape[1], self.n_head * self.head_dim)
 
     def attend_keep(self, q, k, v, cu_seqlens=None):
         """attend() without a graph -> (y (B, T, n_head * hd), lse or None), for attend_backward."""
-        y, lse = attention_keep(q, k, v, self.backend, **self._options(cu_seqlens))
+        y, lse = self.attention_keep_fn(q, k, v, self.backend, **self._options(cu_seqlens))
         return y.reshape(q.shape[0], q.shape[1], self.n_head * self.head_dim), lse
 
     def attend_backward(self, dy, q, k, v, y, lse, cu_seqlens=None):
         """(dq, dk, dv) of attend() from attend_keep's (y, lse) and the gradient dy of y."""
-        return attention_backward(dy.view(q.shape), q, k, v, y.view(q.shape), lse, self.backend,
-                                  **self._options(cu_seqlens))
+        return self.attention_backward_fn(dy.view(q.shape), q, k, v, y.view(q.shape), lse, self.backend,
+                                          **self._options(cu_seqlens))
 
     def _options(self, cu_seqlens):
         return dict(cu_seqlens=cu_seqlens, window=self.window, sdpa_backend=self.sdpa_backend,
