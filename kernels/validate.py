@@ -9,7 +9,10 @@ import weakref
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_last_checked = None   # (weakref cu_seqlens_q, weakref cu_seqlens_k, versions and sizes) that passed
+# Offsets that passed check_cu_seqlens: (weakref q, weakref k, versions and sizes), newest last. A model
+# passes one tensor to every layer; a context-parallel ring a few per batch (training/context_parallel.py).
+_checked: list = []
+CHECKED_KEPT = 16
 MAX_HEAD_DIM = 256
 
 
@@ -89,14 +92,10 @@ def check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         return
     # A model passes the same cu_seqlens to every layer: read the offsets back (a device sync) once
     # per tensor and version, not once per layer.
-    global _last_checked
     key = (cu_seqlens_q._version, cu_seqlens_k._version, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    if _last_checked is not None and _last_checked[0]() is cu_seqlens_q and _last_checked[1]() is cu_seqlens_k \
-            and _last_checked[2] == key:
+    if any(ref_q() is cu_seqlens_q and ref_k() is cu_seqlens_k and was == key for ref_q, ref_k, was in _checked):
         return
-    # one read-back for both tensors: (first, last, shortest, longest) of each
-    stats = torch.stack([torch.stack([cu[0], cu[-1], cu.diff().min(), cu.diff().max()])
-                         for cu in (cu_seqlens_q, cu_seqlens_k)]).tolist()
+    stats = read_back(cu_seqlens_q, cu_seqlens_k)
     for (name, total, max_len), (first, last, min_len, longest) in zip(
             (("cu_seqlens_q", q.shape[0], max_seqlen_q), ("cu_seqlens_k", k.shape[0], max_seqlen_k)), stats):
         if first != 0:
@@ -109,4 +108,12 @@ def check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         mname = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
         if longest > max_len:
             raise ValueError(f"{mname} = {max_len} is smaller than the longest document ({longest})")
-    _last_checked = (weakref.ref(cu_seqlens_q), weakref.ref(cu_seqlens_k), key)
+    _checked.append((weakref.ref(cu_seqlens_q), weakref.ref(cu_seqlens_k), key))
+    del _checked[:-CHECKED_KEPT]
+
+
+def read_back(cu_seqlens_q, cu_seqlens_k) -> list:
+    """(first, last, shortest, longest) of each offsets tensor, in one read-back to the host: the one
+    host-device synchronization of a varlen call, which a test counts."""
+    return torch.stack([torch.stack([cu[0], cu[-1], cu.diff().min(), cu.diff().max()])
+                        for cu in (cu_seqlens_q, cu_seqlens_k)]).tolist()

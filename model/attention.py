@@ -17,6 +17,7 @@ No backend applies dropout to the attention probabilities (the kernels do not im
 backends stay interchangeable; ``config.dropout`` acts on the residual stream only.
 """
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -77,10 +78,28 @@ def _flash_args(q, k, v, cu_seqlens, window, deterministic=True):
     # boundary so no document runs across rows. Duplicate boundaries are empty documents, which
     # the kernels skip, and no document is longer than T, so T bounds max_seqlen without
     # reading the offsets back to the host.
-    row_starts = torch.arange(0, B * Tq + 1, Tq, device=q.device, dtype=torch.int32)
-    cu = torch.cat([cu_seqlens, row_starts]).sort().values
+    cu = _with_row_starts(cu_seqlens, B, Tq)
     kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=Tq, max_seqlen_k=Tk)
     return q.reshape(B * Tq, H, D), k.reshape(B * Tk, Hk, D), v.reshape(B * Tk, Hk, D), kw
+
+
+_row_starts_memo = None   # (weakref to the caller's cu_seqlens, its version, B, T, the merged offsets)
+
+
+def _with_row_starts(cu_seqlens, B: int, T: int) -> torch.Tensor:
+    """cu_seqlens with every row start added (sorted). Every layer gets the same cu_seqlens tensor from
+    GPT.forward, so the merge is made once per forward and every layer, and the backward, pass the kernels
+    one tensor: the kernels' check then reads it back (a host-device sync) once a step, not once a layer."""
+    global _row_starts_memo
+    memo = _row_starts_memo
+    if (memo is not None and memo[0]() is cu_seqlens and memo[1:4] == (cu_seqlens._version, B, T)
+            and not torch.compiler.is_compiling()):
+        return memo[4]
+    row_starts = torch.arange(0, B * T + 1, T, device=cu_seqlens.device, dtype=torch.int32)
+    cu = torch.cat([cu_seqlens, row_starts]).sort().values
+    if not torch.compiler.is_compiling():
+        _row_starts_memo = (weakref.ref(cu_seqlens), cu_seqlens._version, B, T, cu)
+    return cu
 
 
 def _kernels_backward(backend: str, q) -> bool:
