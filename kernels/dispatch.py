@@ -17,10 +17,14 @@ alignments and flags its arguments derive from (``launch.py``'s ``signature``). 
 derivation and fails if that names another compiled kernel than the one the key kept.
 
 What this reads of Triton (``JITFunction.device_caches`` and ``arg_names``, ``CompiledKernel.run``'s
-arguments, the launch hooks) is Triton 3.6's. With another Triton, under ``TRITON_INTERPRET=1``, or with a
-launch hook set (Proton's, for instance), every call takes the JIT's path.
+arguments, the launch hooks) is Triton 3.6's. With another Triton (``TESTED_TRITON``), under
+``TRITON_INTERPRET=1``, or with a launch hook set (Proton's, for instance), every call takes the JIT's path.
+
+``TESTED_TRITON`` is also the one list of every other path tied to a Triton version, and ``tested`` the one
+gate they all go through.
 """
 import os
+import warnings
 
 import torch
 import triton
@@ -31,7 +35,17 @@ try:
 except ImportError:   # Triton < 3.4, which the cached path is off for anyway
     knobs = None
 
-TESTED_TRITON = (3, 6)   # the Triton whose internals the cached path was written and tested against
+# The paths written against one Triton's internals or experimental API, and the (major, minor) releases each was
+# tested on with a GPU (docs/perf-notes.md's runs; the H200 image has Triton 3.6). With any other Triton the path
+# is off and the portable Triton kernels (flash_fwd.py, flash_bwd.py) run in its place. Under the interpreter
+# (CPU) none of them runs whatever the version. Triton 3.7 (torch 2.12 and 2.13 require it on Linux) passes the
+# CPU suite and compiles the Gluon and TMA kernels for sm_90a, but none of these has run on a GPU with it.
+TESTED_TRITON = {
+    "cached launches": {(3, 6)},          # Cached below: reads the JIT's caches and the launcher's arguments
+    "Gluon kernels": {(3, 6)},            # flash_fwd_hopper.py, flash_bwd_hopper.py: Gluon is experimental
+    "TMA forward by default": {(3, 6)},   # flash_fwd_tma.py where launch.py's _SM90_TMA_FWD picks it
+}
+_said_untested: list[bool] = [False]
 
 CHECK = os.environ.get("LONGCTX_CHECK_LAUNCH_CACHE", "0") == "1"
 MAX_KEYS = 4096   # kept launches per kernel
@@ -40,6 +54,22 @@ MAX_KEYS = 4096   # kept launches per kernel
 def version(text: str) -> tuple[int, ...]:
     """'3.6.0' -> (3, 6); the major and minor numbers of a version string."""
     return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+
+def tested(path: str) -> bool:
+    """Whether this Triton is one that ``path`` (a TESTED_TRITON key) was tested on. Asked where the path would
+    otherwise run (on a GPU, never at import), so the first path found off says, in one warning per process,
+    which Triton this is and every path that is off with it."""
+    running = version(triton.__version__)
+    if running in TESTED_TRITON[path]:
+        return True
+    if not _said_untested[0]:
+        _said_untested[0] = True
+        off = [name for name, versions in TESTED_TRITON.items() if running not in versions]
+        tested_on = sorted({".".join(map(str, v)) for versions in TESTED_TRITON.values() for v in versions})
+        warnings.warn(f"Triton {triton.__version__}: {', '.join(off)} off (tested with Triton {', '.join(tested_on)}, "
+                      "kernels/dispatch.py TESTED_TRITON); the portable Triton kernels run instead", stacklevel=3)
+    return False
 
 
 def _no_hooks() -> bool:
@@ -55,12 +85,14 @@ class Cached:
     def __init__(self, fn):
         self.fn = fn
         self.names = list(getattr(fn, "arg_names", ()))
-        # the interpreter's kernels have no compiled launcher to call
-        self.enabled = (isinstance(fn, JITFunction) and hasattr(fn, "device_caches")
-                        and version(triton.__version__) == TESTED_TRITON)
+        # the interpreter's kernels have no compiled launcher to call; for compiled ones the Triton version is
+        # asked at the first launch (None until then), not at import on a machine that never launches one
+        self.enabled = None if isinstance(fn, JITFunction) and hasattr(fn, "device_caches") else False
         self.kernels: dict = {}   # (device, key, keyword values) -> (compiled kernel, keyword argument names)
 
     def __call__(self, key, grid, *args, **kwargs):
+        if self.enabled is None:
+            self.enabled = tested("cached launches")
         if not (self.enabled and _no_hooks()):
             self.fn[grid](*args, **kwargs)
             return

@@ -41,7 +41,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .dispatch import Cached
 from .hopper import (CONSUMER_REGS, HAS_TMA_REDUCE, MAXNREG, LaunchChoice, descriptor, in_scope, row_descriptor,
-                     tile_layout, tma_reduce_add, warpgroup_layout)
+                     thread_barrier, tile_layout, tma_reduce_add, warpgroup_layout)
 
 BLOCK_N = gl.constexpr(128)        # keys per program, 64 per consumer warpgroup
 HALF_N = gl.constexpr(64)
@@ -144,7 +144,7 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
                 mbarrier.wait(ds_free.index(buf), phase ^ 1)
                 ds_bufs.index(buf).slice(HALF * HALF_N, HALF_N).store(ds_t)
                 fence_async_shared()
-                gl.thread_barrier()
+                thread_barrier()
                 mbarrier.arrive(ds_ready.index(buf), count=1)
             dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
             mbarrier.arrive(empty.index(slot), count=1)
@@ -163,10 +163,10 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
                         if c == HEAD_DIM // DQ_COLS - 1:
                             mbarrier.arrive(ds_free.index(buf), count=1)
                         tma.store_wait(0)          # the previous reduce has read the staging tile
-                        gl.thread_barrier()
+                        thread_barrier()
                         dq_s.store(dq)
                         fence_async_shared()
-                        gl.thread_barrier()
+                        thread_barrier()
                         tma_reduce_add(dq_desc, [row, col + c * DQ_COLS], dq_s)
             it += 1
     if FUSED_DQ:

@@ -104,7 +104,7 @@ def _attn_fwd_tma(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, seqlen, num_m_b
 def rows_view_ok(t: torch.Tensor) -> bool:
     """(B, N, H, D) addressable as a (B * N, H * D) row view: contiguous heads, rows of whole batches,
     16-byte aligned rows (TMA). The Gluon kernels' scope (kernels/hopper.py) uses it too; it lives here because
-    this module loads with any Triton, the Gluon ones only with 3.6."""
+    this module loads with any Triton, the Gluon ones only with a Gluon that has what they import (3.6, 3.7)."""
     b, n, h, d = t.shape
     s_b, s_n, s_h, s_d = t.stride()
     return (s_d == 1 and s_h == d and (b == 1 or s_b == n * s_n) and (s_n * t.element_size()) % 16 == 0

@@ -27,6 +27,9 @@ SEQ_MULTIPLE = 128   # both kernels tile the sequence in blocks of 128 (two warp
 MIN_CAUSAL_SEQLEN = 1024
 MAXNREG = 168        # kernel-wide register cap: 3 warpgroups x 128 threads x 168 fit an SM's 64K registers
 CONSUMER_REGS = gl.constexpr(240)  # each consumer warpgroup's registers per thread after setmaxnreg (the producer keeps 24)
+# The barrier over a partition's threads (the same debug_barrier op in both): Gluon's thread_barrier in Triton 3.6,
+# renamed barrier (with a cluster option, off here) in 3.7, so the kernels still compile there (scripts/kernel_report.py).
+thread_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @constexpr_function

@@ -13,25 +13,32 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .dispatch import Cached, version
+from .dispatch import Cached, tested
 from .flash_bwd import _attn_bwd, _attn_bwd_preprocess
 from . import flash_fwd_tma
 from .flash_fwd import _attn_fwd
 
-# The Gluon kernels are written against Triton 3.6's Gluon API, which is experimental and changes between
-# releases: with an older Triton (or one without Gluon), or a newer one whose Gluon no longer has what they
-# import, the Triton kernels run every pass.
-flash_bwd_hopper = flash_fwd_hopper = None
-if version(triton.__version__) >= (3, 6):
-    try:
-        from . import flash_bwd_hopper, flash_fwd_hopper
-    except (ImportError, AttributeError) as e:
-        warnings.warn(f"the Gluon kernels for Hopper do not load with Triton {triton.__version__} ({e}); "
-                      "the Triton kernels run instead", stacklevel=2)
-        flash_bwd_hopper = flash_fwd_hopper = None
-
 # Triton reads TRITON_INTERPRET when the kernels are decorated, i.e. at import: record it once.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The Gluon kernels are written against Triton 3.6's Gluon API, which is experimental and changes between
+# releases. They load at the first launch on a GPU, with a Triton they were tested on (kernels/dispatch.py's
+# TESTED_TRITON); elsewhere the Triton kernels run every pass.
+flash_bwd_hopper = flash_fwd_hopper = None
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_loaded() -> bool:
+    global flash_bwd_hopper, flash_fwd_hopper
+    if not tested("Gluon kernels"):
+        return False
+    try:
+        from . import flash_bwd_hopper, flash_fwd_hopper
+    except (ImportError, AttributeError) as e:   # a tested Triton built without Gluon's Hopper modules
+        warnings.warn(f"the Gluon kernels for Hopper do not load with Triton {triton.__version__} ({e}); "
+                      "the Triton kernels run instead", stacklevel=2)
+        return False
+    return True
 LOG2E = 1.4426950408889634
 
 # The launches below go through kernels/dispatch.py's cache, keyed by `signature` of the caller's tensors plus
@@ -150,7 +157,7 @@ def tma_fwd_config(device: torch.device, dtype: torch.dtype, head_dim: int, caus
     if "fwd" in _overrides or device.type != "cuda" or dtype == torch.float32 or _major(device) != 9:
         return None
     rule = _SM90_TMA_FWD.get((head_dim, causal))
-    return rule[1] if rule is not None and seqlen <= rule[0] else None
+    return rule[1] if rule is not None and seqlen <= rule[0] and tested("TMA forward by default") else None
 
 
 def override_atomic_dq(flag: bool):
@@ -227,9 +234,9 @@ def override_gluon(*passes: str):
     return _setting(_gluon_passes, frozenset(passes))
 
 
-def _gluon(pass_name: str) -> bool:
-    return (flash_fwd_hopper is not None and not INTERPRET and pass_name in _gluon_passes[0]
-            and pass_name not in _overrides)
+def _gluon(pass_name: str, device: torch.device) -> bool:
+    return (device.type == "cuda" and not INTERPRET and pass_name in _gluon_passes[0] and pass_name not in _overrides
+            and _gluon_loaded())
 
 
 @contextlib.contextmanager
@@ -321,7 +328,7 @@ def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
     if tma is not None and flash_fwd_tma.supported(q, k, v, left, right, varlen, tma.BLOCK_M, tma.BLOCK_N):
         flash_fwd_tma.attn_fwd(_FWD_TMA, key, q, k, v, out, lse, scale, right == 0, tma, _precision(q.dtype))
         return out, lse
-    if _gluon("fwd") and flash_fwd_hopper.supported(q, k, v, left, right, varlen):
+    if _gluon("fwd", q.device) and flash_fwd_hopper.supported(q, k, v, left, right, varlen):
         flash_fwd_hopper.attn_fwd(q, k, v, out, lse, scale, causal=right == 0, key=key)
         return out, lse
     cfg = get_config("fwd", d_pad, q.dtype, q.device, right >= 0)
@@ -355,7 +362,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     d_pad = _head_dim_pad(head_dim)
     alloc = torch.zeros_like if varlen else torch.empty_like
     # a forced launch shape (override_one_launch) is a request for the Triton backward kernel
-    gluon = (_gluon("dkdv") and _one_launch_override[0] is None
+    gluon = (_gluon("dkdv", q.device) and _one_launch_override[0] is None
              and flash_bwd_hopper.supported(q, k, v, dout, left, right, varlen))
     # deterministic=False: dQ accumulated in fp32 by the dK/dV pass where that is faster (see _atomic_dq_triton):
     # by TMA reduce-add in the Gluon kernel, or (forced) by the Triton kernel's atomics

@@ -19,6 +19,7 @@ import triton
 import kernels.flash_bwd_hopper as bwd_hopper
 import kernels.flash_fwd_hopper as fwd_hopper
 from kernels import flash_attn_func
+from kernels.dispatch import TESTED_TRITON, version
 from kernels.hopper import MAXNREG, MIN_CAUSAL_SEQLEN, shapes_in_scope
 from kernels.launch import override_gluon, override_tma_fwd
 from kernels.reference import attention_ref
@@ -26,7 +27,11 @@ from test_kernels import check_against_oracle, make_qkv
 
 ROOT = Path(__file__).resolve().parents[1]
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+# the launcher runs the Gluon kernels only with a Triton they were tested on; to test another, add it there
+GLUON_TRITON = version(triton.__version__) in TESTED_TRITON["Gluon kernels"]
+needs_hopper = pytest.mark.skipif(not (HOPPER and GLUON_TRITON), reason=(
+    "needs a Hopper GPU" if not HOPPER else
+    f"Triton {triton.__version__} is not in kernels/dispatch.py TESTED_TRITON['Gluon kernels']"))
 
 
 @pytest.fixture

@@ -323,8 +323,11 @@ def test_short_sequence_rule(monkeypatch):
 def test_tma_forward_rule(monkeypatch):
     # _SM90_TMA_FWD: on Hopper, d64 takes the TMA forward up to 4K tokens causal (64x64 tiles) and 2K unmasked
     # (128x64); not longer, not d128, not fp32, not another GPU, not under forced forward tiles; the override
-    # turns it on everywhere (launch table's tiles) or off
+    # turns it on everywhere (launch table's tiles) or off. The rule as measured, with the Triton it was measured
+    # on (with another one it picks nothing: tests/test_dispatch.py)
     import kernels.launch as launch
+    from kernels.dispatch import TESTED_TRITON
+    monkeypatch.setattr(triton, "__version__", "%d.%d.0" % min(TESTED_TRITON["TMA forward by default"]))
     monkeypatch.setattr(launch, "_capability", lambda index: (9, 0))
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
     assert launch.tma_fwd_config(cuda, torch.float16, 64, True, 1024) == KernelConfig(64, 64, 4, 2)
