@@ -8,5 +8,7 @@ checkpoint  atomic save, latest.pt, load with weights_only=True; CheckpointError
 logger      metrics.jsonl and Weights & Biases (online / offline / none)
 evaluate    validation loss and perplexity, passkey accuracy
 eval_tokens the same target tokens for every context: pieces, windows, scores (scripts/experiment.py)
+distributed torchrun jobs: process group, (dp, cp) mesh, FSDP2, the global batch split, loss weighted to the global mean
+context_parallel  ring attention over the cp ranks with our kernel, head-tail sharding
 generate    text from a prompt (the end-of-training sample, sample.py)
 """
