@@ -1,7 +1,8 @@
 """Generate text from a checkpoint: `python sample.py outputs/.../checkpoints/latest.pt --prompt "def "`.
 
 The checkpoint carries everything needed: the model's config, its weights and the tokenizer itself,
-so this works on any machine, without the data cache or the training configs.
+so this works on any machine, without the data cache or the training configs. A step_*.dcp directory of
+a job of several processes is read whole by this one process (training/checkpoint.py).
 """
 import argparse
 import functools
@@ -18,7 +19,7 @@ from training.generate import generate_text
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a step_*.pt or latest.pt written by train.py")
+    parser.add_argument("checkpoint", help="a step_*.pt, step_*.dcp or latest.pt written by train.py")
     parser.add_argument("--prompt", default="def ", help="text to continue ('' starts a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -180,3 +180,17 @@ def pad_boundaries(cu_seqlens: torch.Tensor) -> torch.Tensor:
     n = cu_seqlens.numel()
     size = 1 << max(1, (n - 1).bit_length())
     return torch.cat([cu_seqlens, cu_seqlens[-1:].expand(size - n)]) if size > n else cu_seqlens
+
+
+def take_rows(batch: dict[str, torch.Tensor], start: int, stop: int, pad: bool = False) -> dict[str, torch.Tensor]:
+    """Rows [start, stop) of a loader batch as a batch of their own: how a data-parallel rank takes its share of
+    the global batch (training/distributed.py). The (B, T) tensors are sliced; cu_seqlens is rebuilt over the
+    (stop - start) * T tokens from the segment starts, position_ids == 0, which is how the loader defines them
+    (row starts, document starts with doc_masking, passkey sample starts), and padded like the loader's own when
+    pad (its bucket_boundaries), so the rows take as few shapes as the whole batch does."""
+    rows = {name: t[start:stop] for name, t in batch.items() if name != "cu_seqlens"}
+    position_ids = rows["position_ids"].flatten()
+    starts = torch.nonzero(position_ids == 0).flatten()
+    cu_seqlens = torch.cat([starts, starts.new_tensor([position_ids.numel()])]).to(torch.int32)
+    rows["cu_seqlens"] = pad_boundaries(cu_seqlens) if pad else cu_seqlens
+    return rows

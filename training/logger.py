@@ -45,11 +45,15 @@ def server_reachable(base_url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 class RunLogger:
-    def __init__(self, logger: DictConfig, out_dir: Path, config: dict):
-        """logger: the logger config group; config: the resolved run config, logged to wandb."""
+    def __init__(self, logger: DictConfig, out_dir: Path, config: dict, active: bool = True):
+        """logger: the logger config group; config: the resolved run config, logged to wandb.
+        active=False (every rank but 0 of a job of several processes): writes nothing, starts no wandb run,
+        so a job has one record however many processes it has; the metrics it is given are the job's."""
+        self.jsonl, self.run = None, None
+        if not active:
+            return
         out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(out_dir / "metrics.jsonl", "a")
-        self.run = None
         if logger.mode != "none":
             self._guard(self._start_wandb, logger, config)
 
@@ -71,6 +75,8 @@ class RunLogger:
 
     def log(self, metrics: dict, step: int) -> None:
         """One JSON line with the step, and the same metrics to wandb at that step."""
+        if self.jsonl is None:
+            return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         if self.run is not None:
@@ -78,6 +84,8 @@ class RunLogger:
 
     def finish(self, summary: dict) -> None:
         """Put the run's summary (status, peak memory, throughput, ...) in wandb's run table."""
+        if self.jsonl is None:
+            return
         self.jsonl.close()
         if self.run is not None:
             self._guard(self._finish_wandb, summary)

@@ -19,6 +19,7 @@ from model import GPTConfig
 
 from .checkpoint import CheckpointError, check_checkpoint_file
 from .device import resolve_device
+from .distributed import degrees, world_size
 from .memory import CHECKPOINT_MODES
 
 # torch.compile's modes; those that capture CUDA graphs (cudagraph trees) reuse their output memory on the
@@ -39,6 +40,9 @@ TRAIN_SCHEMA = {
     "activation_checkpointing": str, "seq_chunk": int, "loss_chunk": int, "max_skipped_steps": int,
 }
 LOGGER_SCHEMA = {"mode": str, "project": str, "group": str, "name": str | None, "dir": str}
+PARALLEL_SCHEMA = {"dp_shard": int, "cp": int}
+# what context parallelism runs: the ring calls our kernels (or their PyTorch reference on the CPU)
+CP_ATTENTION = ("auto", "flash", "reference")
 CHOICES = {
     "train.optimizer": ("adamw",),
     "train.precision": ("auto", "bf16", "fp32"),
@@ -57,7 +61,8 @@ class ConfigError(Exception):
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first problem found in cfg (model, data, train, logger groups)."""
+    """Raise ConfigError for the first problem found in cfg (model, data, train, logger, parallel groups).
+    The parallel group is checked against this job's world size (torchrun's WORLD_SIZE; 1 without)."""
     for key in ("name", "out_dir", "cache_dir"):
         _check_value(key, cfg.get(key), str)
     # null vocab_size / seq_len are filled from the tokenizer / data.seq_len (gpt_config)
@@ -65,6 +70,7 @@ def validate(cfg: DictConfig) -> None:
     _check_group(cfg, "model", model_schema, required=False)
     _check_group(cfg, "train", TRAIN_SCHEMA, required=True)
     _check_group(cfg, "logger", LOGGER_SCHEMA, required=True)
+    _check_group(cfg, "parallel", PARALLEL_SCHEMA, required=True)
     for key, options in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in options:
@@ -75,6 +81,7 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as e:
         raise config_error(e) from None
     _check_model(cfg)
+    _check_parallel(cfg, world_size())
 
 
 def gpt_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
@@ -193,3 +200,50 @@ def _check_model(cfg: DictConfig) -> None:
     if model.attention == "sdpa" and on_cpu and model.sdpa_backend in ("efficient", "cudnn"):
         raise ConfigError("model.sdpa_backend", f"{model.sdpa_backend} is a CUDA-only SDPA kernel",
                           "use model.sdpa_backend=math on CPU")
+
+
+def _check_parallel(cfg: DictConfig, world: int) -> None:
+    """The degrees against the world size, and what a job of several processes cannot run."""
+    p, t = cfg.parallel, cfg.train
+    if p.cp < 1:
+        raise ConfigError("parallel.cp", f"{p.cp} must be >= 1 (1 = no context parallelism)", "set parallel.cp=1")
+    if p.dp_shard != -1 and p.dp_shard < 1:
+        raise ConfigError("parallel.dp_shard", f"{p.dp_shard} must be >= 1, or -1 (= world size / parallel.cp)",
+                          "set parallel.dp_shard=-1")
+    launch = f"torchrun --nproc_per_node={max(p.dp_shard, 1) * p.cp} train.py ..."
+    if p.dp_shard == -1 and world % p.cp:
+        raise ConfigError("parallel.cp", f"{p.cp} does not divide the world size {world}",
+                          f"launch a multiple of {p.cp} processes ({launch}) or change parallel.cp")
+    if p.dp_shard != -1 and p.dp_shard * p.cp != world:
+        raise ConfigError("parallel.dp_shard", f"{p.dp_shard} x parallel.cp={p.cp} = {p.dp_shard * p.cp} processes, "
+                          f"but the world size is {world}", f"set parallel.dp_shard=-1 (= world / cp) or run {launch}")
+    dp, cp = degrees(p.dp_shard, p.cp, world)
+    if cfg.data.batch_size % dp:
+        raise ConfigError("data.batch_size", f"{cfg.data.batch_size} (the global batch, in rows) is not divisible by "
+                          f"the {dp} data-parallel ranks", f"use a multiple of {dp}")
+    if cp > 1:
+        if cfg.data.seq_len % (2 * cp):
+            raise ConfigError("data.seq_len", f"{cfg.data.seq_len} is not divisible by 2 x parallel.cp = {2 * cp} "
+                              "(each rank keeps two chunks of every row)", f"use a multiple of {2 * cp}")
+        if cfg.model.attention not in CP_ATTENTION:
+            raise ConfigError("model.attention", f"{cfg.model.attention} under parallel.cp={cp}: the context-parallel "
+                              "ring runs our kernels", f"use one of {CP_ATTENTION}")
+        if t.eval_passkey:
+            raise ConfigError("train.eval_passkey", f"passkey prompts are scored whole, on one process, not under "
+                              f"parallel.cp={cp}", "set train.eval_passkey=false, or evaluate a checkpoint with "
+                              "scripts/experiment.py")
+        if t.sample_tokens > 0:
+            raise ConfigError("train.sample_tokens", f"generation runs on one process, not under parallel.cp={cp}",
+                              "set train.sample_tokens=0 and sample the checkpoint with sample.py")
+    if world > 1:
+        if re.fullmatch(r"cuda:\d+", t.device):
+            raise ConfigError("train.device", f"{t.device} names one GPU, but each of the {world} processes takes "
+                              "cuda:LOCAL_RANK", "set train.device=auto or cuda")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if resolve_device(t.device).type == "cuda" and torch.cuda.device_count() < local:
+            raise ConfigError("train.device", f"{local} processes on this node, but torch sees "
+                              f"{torch.cuda.device_count()} GPUs", "launch one process per GPU (--nproc_per_node)")
+        if t.compile and t.compile_mode in CUDAGRAPH_MODES and resolve_device(t.device).type == "cuda":
+            raise ConfigError("train.compile_mode", f"{t.compile_mode} captures CUDA graphs, which FSDP's parameter "
+                              "all-gathers (outside the graphs, into memory freed after each block) break",
+                              "use train.compile_mode=default or max-autotune-no-cudagraphs")
