@@ -62,10 +62,15 @@ sample: $(STAMP) ## text from a checkpoint: make sample [CKPT=path] [ARGS='--pro
 experiment: $(STAMP) ## long-context experiment + report: NAME=e1_scaling|e2_passkey|e3_context|e4_extend [SMOKE=1]
 	$(PY) scripts/experiment.py $(NAME) $(if $(filter 1 true yes,$(SMOKE)),--smoke) $(ARGS) $(OVERRIDES)
 
+# `make data NAME=e3_context` (or data overrides as words): the tokenizer and packed tokens of that run built into
+# .cache now, so the runs that follow start training at once (the site corpus takes minutes to tokenize).
+data: $(STAMP) ## build a run's data cache ahead of it: make data [NAME=experiment] [data overrides]
+	$(PY) scripts/prepare_data.py $(if $(NAME),experiment=$(NAME)) $(ARGS) $(OVERRIDES)
+
 # `make export [CKPT=path] OUT=dir [ARGS="--dtype bf16 --force"]`: a directory that transformers loads
 # without custom code (AutoModelForCausalLM / AutoTokenizer.from_pretrained(OUT)); scripts/export_hf.py
 # says which architecture each model becomes. Quoted, so that an unset CKPT or OUT gets its own error.
 export: $(STAMP) ## write a Hugging Face model directory: make export CKPT=path OUT=dir
 	$(PY) scripts/export_hf.py '$(CKPT)' '$(OUT)' $(ARGS)
 
-.PHONY: help venv test test-gpu bench kernel-report bench-context train sample experiment export
+.PHONY: help venv test test-gpu bench kernel-report bench-context train sample experiment data export
