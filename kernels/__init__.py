@@ -7,6 +7,8 @@ whole-tile inputs with TMA loads, which launch.py runs at head dim 64 up to 4K o
 ``rope.py``: RoPE applied to the fused QKV projection, one Triton kernel each way (the model's CUDA path;
 ``model/rope.py`` is its reference).
 """
-from .flash_attn import flash_attn_backward, flash_attn_func, flash_attn_varlen_func
+from .flash_attn import (flash_attn_backward, flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                         flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func)
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_backward"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_backward"]

@@ -1,4 +1,4 @@
-"""The public attention functions (flash-attn 2 compatible) and the autograd op behind them.
+"""The public attention functions (flash-attn 2's signatures) and the autograd op behind them.
 
 Dispatch: CUDA tensors -> Triton kernels compiled; CPU tensors with ``TRITON_INTERPRET=1`` -> the same
 Triton kernels in Triton's interpreter (how CI tests them); CPU otherwise -> the blockwise PyTorch
@@ -10,7 +10,8 @@ import torch
 from .launch import INTERPRET, attn_bwd, attn_fwd
 from .mask import normalize_window
 from .reference import blockwise_attention
-from .validate import check_cu_seqlens, check_options, check_qkv
+from .validate import (check_alibi, check_block_table, check_cu_seqlens, check_dropout, check_options, check_qkv,
+                       check_softcap, unpack)
 
 
 # The launches are registered as two operators so torch.compile sees opaque ops with known output shapes
@@ -22,21 +23,25 @@ from .validate import check_cu_seqlens, check_options, check_qkv
 torch.library.define(
     "longctx::flash_attn_fwd",
     "(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, SymInt max_seqlen_q, "
-    "SymInt max_seqlen_k, float scale, int left, int right) -> (Tensor, Tensor)")
+    "SymInt max_seqlen_k, float scale, int left, int right, float softcap=0.0, Tensor? alibi_slopes=None) "
+    "-> (Tensor, Tensor)")
 torch.library.define(
     "longctx::flash_attn_bwd",
     "(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
     "Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, int left, int right, "
-    "bool deterministic) -> (Tensor, Tensor, Tensor)")
+    "bool deterministic, float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor, Tensor, Tensor)")
 
 
 @torch.library.impl("longctx::flash_attn_fwd", "CompositeExplicitAutograd")
-def _flash_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
-    return attn_fwd(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+def _flash_fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+                    softcap=0.0, alibi_slopes=None):
+    return attn_fwd(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    softcap, alibi_slopes)
 
 
 @torch.library.register_fake("longctx::flash_attn_fwd")
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap=0.0,
+      alibi_slopes=None):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if cu_seqlens_q is None:   # lse (B, H, Nq); varlen: (H, total_q)
         return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
@@ -45,14 +50,14 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, le
 
 @torch.library.impl("longctx::flash_attn_bwd", "CompositeExplicitAutograd")
 def _flash_bwd_impl(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                    left, right, deterministic):
+                    left, right, deterministic, softcap=0.0, alibi_slopes=None):
     return attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q, cu_seqlens_k,
-                    max_seqlen_q, max_seqlen_k, deterministic)
+                    max_seqlen_q, max_seqlen_k, deterministic, softcap, alibi_slopes)
 
 
 @torch.library.register_fake("longctx::flash_attn_bwd")
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-      deterministic):
+      deterministic, softcap=0.0, alibi_slopes=None):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
@@ -61,14 +66,16 @@ _flash_bwd_op = torch.ops.longctx.flash_attn_bwd.default
 
 
 class _FlashAttn(torch.autograd.Function):
-    """(out, lse) = attention; saves (q, k, v, out, lse) only: the backward recomputes P tile by tile."""
+    """(out, lse) = attention; saves (q, k, v, out, lse) only: the backward recomputes P tile by tile.
+    mods: () or (softcap, alibi_slopes), the ops' optional arguments (none passed on the default path)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-                deterministic):
-        out, lse = _flash_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right)
+                deterministic, mods):
+        out, lse = _flash_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+                                 *mods)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic)
+        ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic, *mods)
         # an unused output's gradient arrives as None, not as zeros allocated and filled on every call
         ctx.set_materialize_grads(False)
         return out, lse
@@ -77,69 +84,137 @@ class _FlashAttn(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         if dout is None and dlse is None:
-            return (None,) * 11
+            return (None,) * 12
         if dout is None:   # only the LSE was used
             dout = torch.zeros_like(out)
         dq, dk, dv = _flash_bwd_op(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and INTERPRET)
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False,
-                    deterministic=True):
-    """Exact attention without materializing the N x N scores; differentiable in q, k and v.
-
-    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim) with
-    nheads % nheads_k == 0 (GQA/MQA). fp16, bf16 or fp32; headdim a multiple of 8 up to 256.
-    softmax_scale defaults to headdim ** -0.5. ``causal`` aligns the mask bottom-right when
-    seqlen_q != seqlen_k. ``window_size=(left, right)``: query i sees keys within [i - left, i + right]
-    of its diagonal, -1 meaning unbounded. Returns out (batch, seqlen_q, nheads, headdim) in q's dtype;
-    with ``return_lse=True`` returns (out, lse), lse (batch, nheads, seqlen_q) float32 natural log,
-    -inf (and out 0) for rows that see no key. The LSE is differentiable too.
-    ``deterministic=False`` lets the backward sum dQ in fp32 inside the dK/dV pass (five matrix products
-    per tile instead of seven; bit-for-bit results may vary between runs) where that is faster: on
-    Hopper, in the Gluon kernel at head dims 64 and 128 (kernels/launch.py says where); elsewhere the
-    deterministic backward runs anyway. flash-attn's default is False, ours True. The CPU reference
-    path ignores it.
-    """
-    check_qkv(q, k, v, varlen=False)
+def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+               window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse):
+    """flash_attn_func (cu_seqlens_q None) and flash_attn_varlen_func: checks, then the kernels or the CPU path."""
+    varlen = cu_seqlens_q is not None
+    check_dropout(dropout_p)
+    check_qkv(q, k, v, varlen=varlen)
     scale = check_options(q.shape[-1], softmax_scale, window_size)
+    softcap = check_softcap(softcap)
+    if varlen:
+        check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    else:
+        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+    if alibi_slopes is not None:
+        check_alibi(alibi_slopes, q, cu_seqlens_q.numel() - 1 if varlen else q.shape[0], q.shape[-2])
     left, right = normalize_window(causal, window_size)
     if _use_triton(q):
-        out, lse = _FlashAttn.apply(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, deterministic)
+        mods = () if softcap == 0.0 and alibi_slopes is None else (softcap, alibi_slopes)
+        out, lse = _FlashAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left,
+                                    right, deterministic, mods)
     else:
-        out, lse = blockwise_attention(q, k, v, scale, left, right)
+        out, lse = blockwise_attention(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k, softcap=softcap,
+                                       alibi_slopes=alibi_slopes)
+    if return_attn_probs:
+        return out, lse, None
     return (out, lse) if return_lse else out
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False,
-                           deterministic=True):
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, return_lse=False):
+    """Exact attention without materializing the N x N scores; differentiable in q, k and v. flash-attn 2's
+    signature: arguments, order and defaults.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim) with
+    nheads % nheads_k == 0 (GQA/MQA). fp16, bf16 or fp32; headdim a multiple of 8 up to 256.
+    dropout_p: must be 0.0 (no attention dropout; anything else raises ValueError). softmax_scale defaults
+    to headdim ** -0.5. ``causal`` aligns the mask bottom-right when seqlen_q != seqlen_k.
+    ``window_size=(left, right)``: query i sees keys within [i + seqlen_k - seqlen_q - left,
+    i + seqlen_k - seqlen_q + right], -1 meaning unbounded. softcap > 0: scores = softcap * tanh(scores /
+    softcap) after scaling (Gemma 2). alibi_slopes: fp32 (nheads,) or (batch, nheads); adds
+    -slope * |i + seqlen_k - seqlen_q - j| to the scores after the softcap, before the mask (no gradient).
+    softcap and ALiBi run the portable Triton kernels (kernels/flash_fwd.py, flash_bwd.py) on every GPU.
+
+    Returns out (batch, seqlen_q, nheads, headdim) in q's dtype. return_attn_probs=True: (out, lse, None),
+    lse (batch, nheads, seqlen_q) float32 natural log, -inf (and out 0) for rows that see no key; the
+    third element, flash-attn's S_dmask, is always None (the probabilities are never materialized;
+    flash-attn itself returns an empty tensor without dropout). ``return_lse=True`` (keyword only, ours):
+    (out, lse). The LSE is differentiable too. With ALiBi under a plain causal mask flash-attn's CUDA
+    kernel returns an LSE larger by slope * (i + seqlen_k - seqlen_q) (kernels/reference.py); out and
+    gradients agree.
+
+    ``deterministic=False`` (the default, as flash-attn's) lets the backward sum dQ in fp32 inside the
+    dK/dV pass (five matrix products per tile instead of seven; bit-for-bit results may vary between runs)
+    where that is faster: on Hopper, in the Gluon kernel at head dims 64 and 128 (kernels/launch.py says
+    where); elsewhere the deterministic backward runs anyway. deterministic=True always runs it. The CPU
+    reference path ignores it.
+    """
+    return _attention(q, k, v, None, None, None, None, dropout_p, softmax_scale, causal, window_size, softcap,
+                      alibi_slopes, deterministic, return_attn_probs, return_lse)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, return_lse=False):
     """Attention over packed variable-length sequences; documents never attend across boundaries.
 
     q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim); cu_seqlens_q / cu_seqlens_k:
     int32 (batch + 1,) cumulative lengths starting at 0 (empty documents allowed); max_seqlen_*: the
-    longest document. Other arguments as in ``flash_attn_func``. Returns out (total_q, nheads,
-    headdim) [, lse (nheads, total_q)]; rows after cu_seqlens_q[-1] get 0 / -inf.
+    longest document. Masks and ALiBi use each document's own lengths and positions; alibi_slopes
+    (batch, nheads) has one row per document. block_table (paged KV) is not supported: None only.
+    Other arguments as in ``flash_attn_func``. Returns out (total_q, nheads, headdim) [, lse (nheads,
+    total_q)[, None]]; rows after cu_seqlens_q[-1] get 0 / -inf.
     """
-    check_qkv(q, k, v, varlen=True)
-    scale = check_options(q.shape[-1], softmax_scale, window_size)
-    check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    left, right = normalize_window(causal, window_size)
-    if _use_triton(q):
-        out, lse = _FlashAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                    scale, left, right, deterministic)
-    else:
-        out, lse = blockwise_attention(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k)
-    return (out, lse) if return_lse else out
+    check_block_table(block_table)
+    return _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                      causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              return_lse=False):
+    """``flash_attn_func`` on qkv (batch, seqlen, 3, nheads, headdim): q, k, v are its views (no copy; the
+    kernels take strided rows). The gradient is qkv's, (dq, dk, dv) stacked."""
+    q, k, v = unpack("qkv", qkv, 3, varlen=False)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, return_lse=return_lse)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             return_lse=False):
+    """``flash_attn_func`` with kv (batch, seqlen_k, 2, nheads_k, headdim) holding k and v."""
+    k, v = unpack("kv", kv, 2, varlen=False)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, return_lse=return_lse)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, return_lse=False):
+    """``flash_attn_varlen_func`` on qkv (total, 3, nheads, headdim), one cu_seqlens / max_seqlen for both."""
+    q, k, v = unpack("qkv", qkv, 3, varlen=True)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  return_lse=return_lse)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                                    return_lse=False):
+    """``flash_attn_varlen_func`` with kv (total_k, 2, nheads_k, headdim) holding k and v."""
+    k, v = unpack("kv", kv, 2, varlen=True)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, return_lse=return_lse)
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, window_size=(-1, -1),
                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                        deterministic=True):
+                        deterministic=False, softcap=0.0, alibi_slopes=None):
     """Gradients (dq, dk, dv) of ``flash_attn_func`` / ``flash_attn_varlen_func`` (same arguments) from
     the ``out`` and ``lse`` a forward call returned, without running the forward again.
 
@@ -150,10 +225,13 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=Fals
     varlen = cu_seqlens_q is not None
     check_qkv(q, k, v, varlen=varlen)
     scale = check_options(q.shape[-1], softmax_scale, window_size)
+    softcap = check_softcap(softcap)
     if varlen:
         check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+    if alibi_slopes is not None:
+        check_alibi(alibi_slopes, q, cu_seqlens_q.numel() - 1 if varlen else q.shape[0], q.shape[-2])
     if not _use_triton(q):
         raise ValueError("flash_attn_backward runs the Triton kernels: it needs CUDA tensors, or CPU tensors "
                          "with TRITON_INTERPRET=1")
@@ -162,5 +240,6 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=Fals
             raise ValueError(f"{name} must have q's shape {tuple(like.shape)} and dtype {like.dtype}, "
                              f"got {tuple(t.shape)} {t.dtype}")
     left, right = normalize_window(causal, window_size)
+    mods = () if softcap == 0.0 and alibi_slopes is None else (softcap, alibi_slopes)
     return _flash_bwd_op(dout, None, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         scale, left, right, deterministic)
+                         scale, left, right, deterministic, *mods)

@@ -16,11 +16,13 @@ pass is tuned on its own. ``FUSED_DQ`` is the five-product variant (FlashAttenti
 pass also computes each tile pair's dS K and adds it into an fp32 dQ with relaxed atomics, and the
 dQ pass is skipped; the order of those additions varies run to run. It was slower than the split
 wherever measured, so the launcher runs it only when asked (``override_atomic_dq``).
+``SOFTCAP`` / ``ALIBI`` recompute the forward's modified scores (``flash_fwd._score_mod``); softcap's
+backward multiplies dS by 1 - tanh^2. Off (0.0 / False), their code is not generated.
 """
 import triton
 import triton.language as tl
 
-from .flash_fwd import _cast, _dot
+from .flash_fwd import _cast, _dot, _score_mod
 from .mask import _kv_block_range, _q_block_range, _sequence_bounds, _tile_visible
 
 
@@ -67,9 +69,10 @@ def _attn_bwd_preprocess(Out, DOut, DLse, Delta, Lse, Lse2, DQAcc, num_rows,
 @triton.jit
 def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_base, delta_base, dq_base,
                         stride_dqm, offs_m, offs_n, offs_d, seqlen_q, seqlen_k, window_left, window_right, qk_scale,
-                        sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        sm_scale, slope2, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                         MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                        PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr):
+                        PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, SOFTCAP: tl.constexpr,
+                        ALIBI: tl.constexpr):
     """One query tile's share of this key block's dK and dV (and of dQ when FUSED_DQ). q_row / do_row
     point at the tile's first row (int64 arithmetic stays in those scalars; in-tile offsets fit int32)."""
     offs_r = tl.arange(0, BLOCK_M)
@@ -94,7 +97,12 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_
     # rows that saw no key have LSE -inf; +inf makes their P exactly 0 instead of NaN
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     qkT = _dot(k, tl.trans(q), None, PRECISION)       # (BLOCK_N, BLOCK_M)
-    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    if SOFTCAP > 0.0 or ALIBI:
+        sT, tT = _score_mod(qkT * qk_scale, offs_m[None, :], offs_n[:, None], seqlen_k - seqlen_q, slope2,
+                            SOFTCAP, ALIBI)
+        pT = tl.math.exp2(sT - lse2[None, :])
+    else:
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
     if MASKED:
         visT = _tile_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
                              HAS_LEFT, HAS_RIGHT)
@@ -102,6 +110,8 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_
     dv = _dot(_cast(pT, do.dtype, PRECISION), do, dv, PRECISION)
     dpT = _dot(v, tl.trans(do), None, PRECISION)       # (BLOCK_N, BLOCK_M)
     dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP > 0.0:   # d softcap * tanh(u / softcap) / du
+        dsT = dsT * (1.0 - tT * tT)
     dk = _dot(_cast(dsT, q.dtype, PRECISION), q, dk, PRECISION)
     if FUSED_DQ:   # this key block's share of dQ, added into the fp32 accumulator
         # (BLOCK_M, HEAD_DIM_PAD)
@@ -114,10 +124,11 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                          stride_qm, stride_dom, stride_dqm, offs_n, offs_d, start, end,
-                         seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
+                         seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale, slope2,
                          BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                         PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr):
+                         PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr,
+                         SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Query rows [start, end) in tiles of BLOCK_M. COUNTED runs the tiles as `range(n_tiles)` instead
     of `tl.range(start, end, BLOCK_M)`: with the latter, and three such loops in the kernel, ptxas 12.8
     serializes every wgmma of the kernel on sm_90 (warning C7515; docs/perf-notes.md). The launch
@@ -130,8 +141,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq
         for _ in range(0, tl.cdiv(end - start, BLOCK_M)):
             dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_base, delta_base,
                                          dq_base, stride_dqm, offs_m, offs_n, offs_d, seqlen_q, seqlen_k,
-                                         window_left, window_right, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
-                                         HEAD_DIM_PAD, MASKED, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ)
+                                         window_left, window_right, qk_scale, sm_scale, slope2, BLOCK_M, HEAD_DIM,
+                                         HEAD_DIM_PAD, MASKED, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ, SOFTCAP,
+                                         ALIBI)
             offs_m += BLOCK_M
             q_row += BLOCK_M * stride_qm
             do_row += BLOCK_M * stride_dom
@@ -139,15 +151,16 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq
         for start_m in tl.range(start, end, BLOCK_M):
             dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_row, do_row, stride_qm, stride_dom, lse_base, delta_base,
                                          dq_base, stride_dqm, start_m + offs_r, offs_n, offs_d, seqlen_q, seqlen_k,
-                                         window_left, window_right, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
-                                         HEAD_DIM_PAD, MASKED, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ)
+                                         window_left, window_right, qk_scale, sm_scale, slope2, BLOCK_M, HEAD_DIM,
+                                         HEAD_DIM_PAD, MASKED, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ, SOFTCAP,
+                                         ALIBI)
             q_row += BLOCK_M * stride_qm
             do_row += BLOCK_M * stride_dom
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeqlensQ, CuSeqlensK,
+def _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeqlensQ, CuSeqlensK, AlibiSlopes,
                            sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_n_blocks,
                            stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                            stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
@@ -157,7 +170,8 @@ def _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeql
                            HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                           PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr):
+                           PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr,
+                           SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """dK and dV of one key block of one KV head (program `pid` of the dK/dV grid)."""
     pid_bh = pid // num_n_blocks
     pid_n = pid % num_n_blocks
@@ -190,22 +204,25 @@ def _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeql
             lse_base = LSE + b64 * stride_lb + h * stride_lh + q_row0
             delta_base = Delta + b64 * stride_lb + h * stride_lh + q_row0
             dq_base = DQAcc + b64 * stride_dqb + h * stride_dqh + q_row0 * stride_dqm
+            slope2 = 0.0
+            if ALIBI:   # (batch, nheads) contiguous, as the launcher lays the slopes out
+                slope2 = tl.load(AlibiSlopes + b64 * (NUM_KV_HEADS * GROUP) + h) * 1.4426950408889634
             if HAS_RIGHT:  # query rows entering at the diagonal / right window edge: masked
                 dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                               stride_qm, stride_dom, stride_dqm, offs_n, offs_d, lo, mid_lo,
                                               seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
-                                              BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                              PRECISION, FUSED_DQ, COUNTED)
+                                              slope2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
+                                              PRECISION, FUSED_DQ, COUNTED, SOFTCAP, ALIBI)
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                           stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_lo, mid_hi,
                                           seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
-                                          BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
-                                          PRECISION, FUSED_DQ, COUNTED)
+                                          slope2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
+                                          PRECISION, FUSED_DQ, COUNTED, SOFTCAP, ALIBI)
             dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
                                           stride_qm, stride_dom, stride_dqm, offs_n, offs_d, mid_hi, hi,
                                           seqlen_q, seqlen_k, window_left, window_right, qk_scale, sm_scale,
-                                          BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                          PRECISION, FUSED_DQ, COUNTED)
+                                          slope2, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
+                                          PRECISION, FUSED_DQ, COUNTED, SOFTCAP, ALIBI)
         dk_base = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + k_row0 * stride_dkn
         dv_base = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + k_row0 * stride_dvn
         tl.store(dk_base + offs_c[:, None] * stride_dkn + offs_d[None, :],
@@ -217,10 +234,10 @@ def _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQAcc, CuSeql
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
                        offs_m, offs_d, start, end, seqlen_q, seqlen_k, window_left, window_right,
-                       qk_scale,
+                       qk_scale, slope2,
                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = offs_d[None, :] < HEAD_DIM
     k_ptrs = k_base + start.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
@@ -237,13 +254,20 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
             k = tl.load(k_ptrs, mask=d_mask, other=0.0)
             v = tl.load(v_ptrs, mask=d_mask, other=0.0)
         qk = _dot(q, tl.trans(k), None, PRECISION)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if SOFTCAP > 0.0 or ALIBI:
+            s, t = _score_mod(qk * qk_scale, offs_m[:, None], (start_n + offs_n)[None, :], seqlen_k - seqlen_q,
+                              slope2, SOFTCAP, ALIBI)
+            p = tl.math.exp2(s - lse2[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
             vis = _tile_visible(offs_m, start_n + offs_n, seqlen_q, seqlen_k, window_left, window_right,
                                 HAS_LEFT, HAS_RIGHT)
             p = tl.where(vis, p, 0.0)
         dp = _dot(do, tl.trans(v), None, PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP > 0.0:
+            ds = ds * (1.0 - t * t)
         dq = _dot(_cast(ds, k.dtype, PRECISION), k, dq, PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -251,7 +275,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
 
 
 @triton.jit
-def _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, Out, DLse, Lse2, CuSeqlensQ, CuSeqlensK,
+def _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, Out, DLse, Lse2, CuSeqlensQ, CuSeqlensK, AlibiSlopes,
                          sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_m_blocks,
                          stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                          stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
@@ -261,7 +285,7 @@ def _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, Out, DLse, Lse2, Cu
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          PRECISION: tl.constexpr, PREPROCESS: tl.constexpr, HAS_DLSE: tl.constexpr,
-                         WRITE_LSE2: tl.constexpr):
+                         WRITE_LSE2: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """dQ of one query block of one head (program `pid` of the dQ grid; longest rows first). PREPROCESS: the
     preprocess's work for these rows too, for the dK/dV pass that follows (Delta from Out and DOut, less DLse
     when HAS_DLSE; with WRITE_LSE2 also Lse2, the Gluon kernel's base-2 LSE), instead of a launch of
@@ -304,29 +328,33 @@ def _attn_bwd_dq_program(pid, Q, K, V, DOut, LSE, Delta, DQ, Out, DLse, Lse2, Cu
         k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_kn + hk.to(tl.int64) * stride_kh
         v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vn + hk.to(tl.int64) * stride_vh
         dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = tl.load(AlibiSlopes + b64 * NUM_HEADS + h64) * 1.4426950408889634
 
         lo, mid_lo, mid_hi, hi = _kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                                  BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         if HAS_LEFT:
             dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
                                     offs_m, offs_d, lo, mid_lo, seqlen_q, seqlen_k, window_left,
-                                    window_right, qk_scale,
-                                    BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT, PRECISION)
+                                    window_right, qk_scale, slope2,
+                                    BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT, PRECISION, SOFTCAP,
+                                    ALIBI)
         dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
                                 offs_m, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k, window_left,
-                                window_right, qk_scale,
-                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT, PRECISION)
+                                window_right, qk_scale, slope2,
+                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT, PRECISION, SOFTCAP, ALIBI)
         dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn,
                                 offs_m, offs_d, mid_hi, hi, seqlen_q, seqlen_k, window_left,
-                                window_right, qk_scale,
-                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT, PRECISION)
+                                window_right, qk_scale, slope2,
+                                BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT, PRECISION, SOFTCAP, ALIBI)
         tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_row0 * stride_dqm
                  + offs_r[:, None] * stride_dqm + offs_d[None, :], _cast(dq * sm_scale, DQ.dtype.element_ty, PRECISION),
                  mask=q_mask)
 
 
 @triton.jit
-def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, Out, DLse, Lse2, CuSeqlensQ, CuSeqlensK,
+def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, Out, DLse, Lse2, CuSeqlensQ, CuSeqlensK, AlibiSlopes,
               sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right,
               num_n_blocks, num_m_blocks, num_dkdv_programs,
               stride_qb, stride_qm, stride_qh,
@@ -343,7 +371,8 @@ def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, Out, DLse, Lse2, CuSeqlensQ
               BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, COUNTED: tl.constexpr, PROGRAMS: tl.constexpr,
-              PREPROCESS: tl.constexpr, HAS_DLSE: tl.constexpr, WRITE_LSE2: tl.constexpr):
+              PREPROCESS: tl.constexpr, HAS_DLSE: tl.constexpr, WRITE_LSE2: tl.constexpr,
+              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """The backward's grid. PROGRAMS "dkdv": every program is a dK/dV program (BLOCK_M1 x BLOCK_N1
     tiles; with FUSED_DQ it also adds dQ into the fp32 DQ); "dq": every program is a dQ program
     (BLOCK_M2 x BLOCK_N2), with PREPROCESS also writing Delta and Lse2 for a dK/dV pass that follows it;
@@ -362,19 +391,21 @@ def _attn_bwd(Q, K, V, DOut, LSE, Delta, DK, DV, DQ, Out, DLse, Lse2, CuSeqlensQ
         is_dkdv = PROGRAMS == "dkdv"
         dq_pid = pid
     if is_dkdv:
-        _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK,
+        _attn_bwd_dkdv_program(pid, Q, K, V, DOut, LSE, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK, AlibiSlopes,
                                sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_n_blocks,
                                stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                                stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                                stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
                                stride_dqb, stride_dqm, stride_dqh, stride_lb, stride_lh,
                                NUM_HEADS // GROUP, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M1, BLOCK_N1,
-                               IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ, COUNTED)
+                               IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, FUSED_DQ, COUNTED, SOFTCAP, ALIBI)
     else:
         _attn_bwd_dq_program(dq_pid, Q, K, V, DOut, LSE, Delta, DQ, Out, DLse, Lse2, CuSeqlensQ, CuSeqlensK,
+                             AlibiSlopes,
                              sm_scale, qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_m_blocks,
                              stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
                              stride_vb, stride_vn, stride_vh, stride_dob, stride_dom, stride_doh,
                              stride_dqb, stride_dqm, stride_dqh, stride_ob, stride_om, stride_oh, stride_lb, stride_lh,
                              NUM_HEADS, GROUP, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M2, BLOCK_N2,
-                             IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, PREPROCESS, HAS_DLSE, WRITE_LSE2)
+                             IS_VARLEN, HAS_LEFT, HAS_RIGHT, PRECISION, PREPROCESS, HAS_DLSE, WRITE_LSE2, SOFTCAP,
+                             ALIBI)

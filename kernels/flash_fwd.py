@@ -4,6 +4,12 @@ Scores live in base 2 (softmax_scale * log2(e) folded into one multiply, exp2 in
 stored LSE is the natural-log one the API promises. Nothing of size N x N is ever materialized.
 One program owns BLOCK_M query rows of one (sequence, head); it walks the key blocks that
 ``_kv_block_range`` says it can see, masking only the blocks on the window's edges.
+
+Score modifications (``_score_mod``, shared with the backward): ``SOFTCAP`` > 0 (a constexpr float) caps
+the scaled scores, s = softcap * tanh(s / softcap), and ``ALIBI`` adds -slope * |i + seqlen_k - seqlen_q - j|
+(flash-attn's bias; slopes from ``AlibiSlopes``, (batch, nheads) fp32), both before the mask. With
+SOFTCAP = 0.0 and ALIBI = False (AlibiSlopes None) their code is not generated: the default kernel is
+the one without them.
 """
 import triton
 import triton.language as tl
@@ -32,12 +38,27 @@ def _cast(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _score_mod(x, q_idx, k_idx, off, slope2, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Scaled scores in base 2 (x = qk * softmax_scale * log2(e)) -> (modified scores, tanh of the
+    softcap) in base 2. q_idx / k_idx: the tile's query / key positions within the sequence, shaped to
+    broadcast against x (either orientation); off = seqlen_k - seqlen_q; slope2 = the head's ALiBi slope *
+    log2(e). tanh(y) = 1 - 2 / (exp(2y) + 1) with y = x / (SOFTCAP * log2(e)): exact limits +-1, no NaN."""
+    t = x
+    if SOFTCAP > 0.0:
+        t = 1.0 - 2.0 / (tl.math.exp2(x * (2.0 / SOFTCAP)) + 1.0)
+        x = t * (SOFTCAP * 1.4426950408889634)
+    if ALIBI:
+        x = x - slope2 * tl.abs(q_idx + off - k_idx).to(tl.float32)
+    return x, t
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                     offs_m, offs_d, start, end, seqlen_q, seqlen_k, window_left, window_right,
-                    qk_scale,
+                    qk_scale, slope2,
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     # 64-bit start so multi-million-token sequences index correctly; per-step increments stay small.
     k_ptrs = k_base + start.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
@@ -52,7 +73,17 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
         else:
             k = tl.load(k_ptrs, mask=d_mask, other=0.0)
         qk = _dot(q, tl.trans(k), None, PRECISION)
-        if MASKED:
+        if SOFTCAP > 0.0 or ALIBI:   # modified scores (module docstring); the default kernel takes the branches below
+            s, _ = _score_mod(qk * qk_scale, offs_m[:, None], (start_n + offs_n)[None, :], seqlen_k - seqlen_q,
+                              slope2, SOFTCAP, ALIBI)
+            if MASKED:
+                vis = _tile_visible(offs_m, start_n + offs_n, seqlen_q, seqlen_k, window_left, window_right,
+                                    HAS_LEFT, HAS_RIGHT)
+                s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+        elif MASKED:
             vis = _tile_visible(offs_m, start_n + offs_n, seqlen_q, seqlen_k, window_left, window_right,
                                 HAS_LEFT, HAS_RIGHT)
             qk = tl.where(vis, qk * qk_scale, float("-inf"))
@@ -81,7 +112,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK,
+def _attn_fwd(Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK, AlibiSlopes,
               qk_scale, seqlen_q, seqlen_k, window_left, window_right, num_m_blocks,
               stride_qb, stride_qm, stride_qh,
               stride_kb, stride_kn, stride_kh,
@@ -92,7 +123,7 @@ def _attn_fwd(Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK,
               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HEAD_DIM_PAD >= 16)
     # 1-D grid over (sequence * head, query block); query blocks in reverse so that, under a causal
     # mask, the longest rows start first and the short ones fill the tail.
@@ -123,26 +154,29 @@ def _attn_fwd(Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    slope2 = 0.0
+    if ALIBI:   # slopes as the launcher lays them out: (batch, nheads), contiguous
+        slope2 = tl.load(AlibiSlopes + b * NUM_HEADS + h) * 1.4426950408889634
 
     lo, mid_lo, mid_hi, hi = _kv_block_range(start_m, seqlen_q, seqlen_k, window_left, window_right,
                                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     if HAS_LEFT:  # keys entering the window from the left: masked
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                                         offs_m, offs_d, lo, mid_lo, seqlen_q, seqlen_k,
-                                        window_left, window_right, qk_scale,
+                                        window_left, window_right, qk_scale, slope2,
                                         BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                        PRECISION)
+                                        PRECISION, SOFTCAP, ALIBI)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                                     offs_m, offs_d, mid_lo, mid_hi, seqlen_q, seqlen_k,
-                                    window_left, window_right, qk_scale,
+                                    window_left, window_right, qk_scale, slope2,
                                     BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, HAS_LEFT, HAS_RIGHT,
-                                    PRECISION)
+                                    PRECISION, SOFTCAP, ALIBI)
     # the diagonal / right window edge and a ragged last key block: masked
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                                     offs_m, offs_d, mid_hi, hi, seqlen_q, seqlen_k,
-                                    window_left, window_right, qk_scale,
+                                    window_left, window_right, qk_scale, slope2,
                                     BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, HAS_LEFT, HAS_RIGHT,
-                                    PRECISION)
+                                    PRECISION, SOFTCAP, ALIBI)
 
     # Rows that saw no key at all (l = 0) give output 0 and LSE -inf, never NaN.
     seen = l_i > 0.0

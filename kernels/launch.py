@@ -310,9 +310,18 @@ def _contig_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _alibi_table(alibi_slopes, batch, nheads):
+    """ALiBi slopes ((nheads,) or (batch, nheads) fp32) as the Triton kernels read them: a fresh contiguous
+    (batch, nheads) fp32 tensor (aligned, so like the other tensors allocated here it adds nothing to the key)."""
+    if alibi_slopes is None:
+        return None
+    return alibi_slopes.to(torch.float32).expand(batch, nheads).clone(memory_format=torch.contiguous_format)
+
+
 def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
-             max_seqlen_q=None, max_seqlen_k=None):
-    """Returns ``out`` like q and ``lse`` fp32 ((B, H, Nq) or (H, total_q))."""
+             max_seqlen_q=None, max_seqlen_k=None, softcap=0.0, alibi_slopes=None):
+    """Returns ``out`` like q and ``lse`` fp32 ((B, H, Nq) or (H, total_q)). softcap > 0 / alibi_slopes run the
+    Triton kernel (flash_fwd.py), the only one that has them."""
     q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
     varlen, batch, seqlen_q, seqlen_k = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     nheads, nheads_k, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -324,11 +333,12 @@ def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty((batch, nheads, seqlen_q), device=q.device, dtype=torch.float32)
     key = (signature(q, k, v, cu_seqlens_q, cu_seqlens_k), left, right, seqlen_q, seqlen_k)
-    tma = tma_fwd_config(q.device, q.dtype, head_dim, right == 0, seqlen_q)
+    mods = softcap > 0 or alibi_slopes is not None
+    tma = None if mods else tma_fwd_config(q.device, q.dtype, head_dim, right == 0, seqlen_q)
     if tma is not None and flash_fwd_tma.supported(q, k, v, left, right, varlen, tma.BLOCK_M, tma.BLOCK_N):
         flash_fwd_tma.attn_fwd(_FWD_TMA, key, q, k, v, out, lse, scale, right == 0, tma, _precision(q.dtype))
         return out, lse
-    if _gluon("fwd", q.device) and flash_fwd_hopper.supported(q, k, v, left, right, varlen):
+    if not mods and _gluon("fwd", q.device) and flash_fwd_hopper.supported(q, k, v, left, right, varlen):
         flash_fwd_hopper.attn_fwd(q, k, v, out, lse, scale, causal=right == 0, key=key)
         return out, lse
     cfg = get_config("fwd", d_pad, q.dtype, q.device, right >= 0)
@@ -337,21 +347,23 @@ def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
     if grid[0] == 0:
         return out, lse
     _FWD(
-        key, grid, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        key, grid, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, _alibi_table(alibi_slopes, batch, nheads),
         scale * LOG2E, seqlen_q, seqlen_k, left, right, num_m,
         *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
         *_seq_strides(out, varlen), *_lse_strides(lse, varlen),
         NUM_HEADS=nheads, GROUP=nheads // nheads_k, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, IS_VARLEN=varlen,
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PRECISION=_precision(q.dtype),
+        SOFTCAP=float(softcap), ALIBI=alibi_slopes is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
 def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
-             max_seqlen_q=None, max_seqlen_k=None, deterministic=True):
+             max_seqlen_q=None, max_seqlen_k=None, deterministic=True, softcap=0.0, alibi_slopes=None):
     """Gradients (dq, dk, dv) of ``out`` (and of ``lse`` when ``dlse`` is given). deterministic=False lets
-    the dK/dV pass sum dQ in fp32 (five products per tile pair instead of seven) where that is faster."""
+    the dK/dV pass sum dQ in fp32 (five products per tile pair instead of seven) where that is faster.
+    softcap > 0 / alibi_slopes: the Triton kernel (flash_bwd.py) only."""
     dout = _contig_last(dout)
     q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
     # delta is allocated like lse and both are indexed with lse's strides: a caller's strided view of a
@@ -362,7 +374,8 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     d_pad = _head_dim_pad(head_dim)
     alloc = torch.zeros_like if varlen else torch.empty_like
     # a forced launch shape (override_one_launch) is a request for the Triton backward kernel
-    gluon = (_gluon("dkdv", q.device) and _one_launch_override[0] is None
+    mods = softcap > 0 or alibi_slopes is not None
+    gluon = (not mods and _gluon("dkdv", q.device) and _one_launch_override[0] is None
              and flash_bwd_hopper.supported(q, k, v, dout, left, right, varlen))
     # deterministic=False: dQ accumulated in fp32 by the dK/dV pass where that is faster (see _atomic_dq_triton):
     # by TMA reduce-add in the Gluon kernel, or (forced) by the Triton kernel's atomics
@@ -401,11 +414,13 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
             NUM_HEADS=nheads, HEAD_DIM=head_dim, HEAD_DIM_PAD=d_pad, BLOCK_M=pre_block,
             HAS_DLSE=dlse is not None, WRITE_LSE2=lse2 is not None, ZERO_DQ=fused)
 
+    alibi = _alibi_table(alibi_slopes, batch, nheads)
+
     def launch(programs, grid, launch_cfg, preprocess=False):
         if grid > 0:
             _BWD(
                 key, (grid,), q, k, v, dout, lse, delta, dk, dv, dq, out, dlse, lse2, cu_seqlens_q, cu_seqlens_k,
-                scale, scale * LOG2E, seqlen_q, seqlen_k, left, right, num_n, num_m, n_dkdv,
+                alibi, scale, scale * LOG2E, seqlen_q, seqlen_k, left, right, num_n, num_m, n_dkdv,
                 *_seq_strides(q, varlen), *_seq_strides(k, varlen), *_seq_strides(v, varlen),
                 *_seq_strides(dout, varlen), *_seq_strides(dk, varlen), *_seq_strides(dv, varlen),
                 *_seq_strides(dq, varlen), *_seq_strides(out, varlen), *lse_strides,
@@ -415,6 +430,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
                 HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PRECISION=_precision(q.dtype),
                 FUSED_DQ=fused, COUNTED=cfg.counted, PROGRAMS=programs, PREPROCESS=preprocess,
                 HAS_DLSE=preprocess and dlse is not None, WRITE_LSE2=preprocess and lse2 is not None,
+                SOFTCAP=float(softcap), ALIBI=alibi is not None,
                 num_warps=launch_cfg.num_warps, num_stages=launch_cfg.num_stages)
 
     if fused:

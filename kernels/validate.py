@@ -117,3 +117,51 @@ def read_back(cu_seqlens_q, cu_seqlens_k) -> list:
     host-device synchronization of a varlen call, which a test counts."""
     return torch.stack([torch.stack([cu[0], cu[-1], cu.diff().min(), cu.diff().max()])
                         for cu in (cu_seqlens_q, cu_seqlens_k)]).tolist()
+
+
+def check_dropout(dropout_p):
+    """dropout_p must be 0: attention dropout is not implemented (the kernels stay dropout-free)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or dropout_p != 0:
+        raise ValueError(f"dropout_p must be 0.0, got {dropout_p!r}: attention dropout is not supported. "
+                         "(flash-attn's argument order is q, k, v, dropout_p, softmax_scale, ...: pass "
+                         "softmax_scale by name)")
+
+
+def check_softcap(softcap) -> float:
+    """softcap: a finite float >= 0, 0 meaning off (flash-attn silently turns a negative one off; we refuse it)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
+            or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0.0 = off), got {softcap!r}")
+    return float(softcap)
+
+
+def check_alibi(alibi_slopes, q, batch: int, nheads: int):
+    """alibi_slopes: None, or fp32 (nheads,) or (batch, nheads) on q's device (batch = documents in varlen)."""
+    if alibi_slopes is None:
+        return
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(f"alibi_slopes must have shape (nheads,) = ({nheads},) or (batch, nheads) = "
+                         f"({batch}, {nheads}), got {tuple(alibi_slopes.shape)}")
+
+
+def check_block_table(block_table):
+    if block_table is not None:
+        raise ValueError("block_table (a paged KV cache) is not supported: pass block_table=None")
+
+
+def unpack(name: str, t, n: int, varlen: bool):
+    """qkv (n = 3) or kv (n = 2) packed along dim -3 -> its n views; checked first, so a mistake names the
+    packed argument rather than q / k / v."""
+    parts = ("q, k, v" if n == 3 else "k, v")
+    layout = (f"(total, {n}, nheads, headdim)" if varlen else f"(batch, seqlen, {n}, nheads, headdim)")
+    _check_tensor(name, t, 4 if varlen else 5, layout)
+    if t.shape[-3] != n:
+        raise ValueError(f"{name} must have shape {layout} ({parts} stacked along dim {t.dim() - 3}), "
+                         f"got {tuple(t.shape)}")
+    return t.unbind(-3)

@@ -148,20 +148,25 @@ def make_providers(causal, n, flex_ok, one_launch_dkdv=None, variants=(), tutori
         return fn
 
     providers = {
+        # the default call (deterministic=False, flash-attn's default, since issue 23) / the deterministic backward
         "ours": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal)),
+        "ours_det": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=True)),
         # the Triton kernels where ours would take the Gluon ones (kernels/flash_{fwd,bwd}_hopper.py)
         "ours_triton": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
                                               override_gluon)),
         # deterministic=False: the five-product backward where the launcher takes it (dQ reduce-added by TMA in
-        # the Gluon kernel at the head dims kernels/flash_bwd_hopper.py fuses), else the split; forward is ours
+        # the Gluon kernel at the head dims kernels/flash_bwd_hopper.py fuses), else the split; forward is ours.
+        # The same call as "ours" now that deterministic=False is the default; kept for existing commands
         "ours_atomic": ("bnhd", lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=False)),
         # the Triton kernels only, with their atomic-dQ variant forced (kernels/launch.py: override_atomic_dq)
         "ours_triton_atomic": ("bnhd", _with_context(
             lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=False), triton_atomic)),
         # the deterministic backward forced into one launch (dK/dV and dQ programs in one grid) / two
-        "ours_1launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), one_launch)),
-        "ours_2launch": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
-                                               lambda: override_one_launch(False))),
+        "ours_1launch": ("bnhd", _with_context(
+            lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=True), one_launch)),
+        "ours_2launch": ("bnhd", _with_context(
+            lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=True),
+            lambda: override_one_launch(False))),
         # the forward with TMA loads (kernels/flash_fwd_tma.py) wherever it takes the inputs, with the launch
         # table's forward tiles / never (ours as before it ran by default: Gluon or pointer-load forward)
         "ours_tma": ("bnhd", _with_context(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), tma_forward)),
@@ -409,7 +414,7 @@ def main():
     ap.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
     ap.add_argument("--providers", nargs="+",
-                    default=["ours", "ours_atomic", "sdpa_flash", "sdpa_cudnn", "flex", "standard"])
+                    default=["ours", "ours_det", "sdpa_flash", "sdpa_cudnn", "flex", "standard"])
     ap.add_argument("--flex-seqlens", type=int, nargs="+", default=[0],
                     help="FlexAttention compiles per shape and mode (seconds each): only these lengths (default 0: every "
                          "length; e.g. --flex-seqlens 4096 16384 for a quicker grid)")

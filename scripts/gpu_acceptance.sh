@@ -7,7 +7,8 @@
 # memory at the peak at 64K and 1M (bench_context.py --breakdown-at; ~7 minutes);
 # kernel: the compiler report, the Gluon kernels' GPU tests, then 4K/16K against the Triton kernels
 # alone, FlexAttention, cuDNN and FA2 with 3 interleaved repeats and GPU ms per kernel at 16K
-# (~6 minutes); ours_atomic is deterministic=False (the fused Gluon backward, d64 and d128).
+# (~6 minutes); ours is the default call, deterministic=False (the fused Gluon backward at d64 and d128), ours_det
+# deterministic=True.
 # e2e: host microseconds per forward+backward (make bench --host-overhead), then GPT-2 124M's compiled
 # training step at 8K with our kernels (deterministic_attention false / true) and SDPA cuDNN, same machine,
 # then ours and cuDNN compiled with CUDA graphs (--compile reduce-overhead).
@@ -45,11 +46,11 @@ for s in "${steps[@]}"; do
       $PY scripts/kernel_report.py 2>&1 | tee "$OUT/kernel_report.md" | tail -26
       $PY -m pytest -q -p no:cacheprovider tests/test_gluon_hopper.py 2>&1 | tee "$OUT/gluon_tests.log" | tail -3
       $PY scripts/bench_attention.py --dims 64 128 --seqlens 4096 16384 --repeats 3 --profile-seqlens 16384 \
-        --providers ours ours_atomic ours_triton flex sdpa_cudnn sdpa_flash --out "$OUT/kernel" 2>&1 \
+        --providers ours ours_det ours_triton flex sdpa_cudnn sdpa_flash --out "$OUT/kernel" 2>&1 \
         | grep -v '^{"D"' | tail -40 ;;
     e2e)
       $PY scripts/bench_attention.py --host-overhead --dims 64 --causal 0 1 --seqlens 256 8192 --tokens 8192 \
-        --model-dim 768 --providers ours ours_atomic ours_triton sdpa_cudnn --out "$OUT/host" 2>&1 | tail -8
+        --model-dim 768 --providers ours ours_det ours_triton sdpa_cudnn --out "$OUT/host" 2>&1 | tail -8
       $PY scripts/bench_context.py --configs flash flash_det sdpa_cudnn --start 8192 --max 8192 --steps 10 \
         --compile --wandb none --out "$OUT/e2e" 2>&1 | grep -v '^{"config"' | tail -8
       # with CUDA graphs, one process per configuration (once one configuration failed, the next ones in its
@@ -60,7 +61,7 @@ for s in "${steps[@]}"; do
       done ;;
     tutorial)
       $PY scripts/bench_attention.py --dtype float16 --tutorial "${TUTORIAL:?set TUTORIAL to 06-fused-attention.py}" \
-        --providers ours ours_atomic ours_tma tutorial tutorial_nows sdpa_cudnn --out "$OUT/tutorial" ${BENCH_ARGS:-} 2>&1 \
+        --providers ours ours_det ours_tma tutorial tutorial_nows sdpa_cudnn --out "$OUT/tutorial" ${BENCH_ARGS:-} 2>&1 \
         | grep -v '^{"D"' | tail -45 ;;
     *) echo "unknown step $s (tests | bench | train | memory | kernel | e2e | tutorial)"; exit 2 ;;
   esac

@@ -59,12 +59,12 @@ FP32_POINTERS = {"LSE", "Delta", "DLse", "Lse2"}
 def signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
     """Triton's (signature, constexprs, attrs) for `fn` with these constexpr values: capitalized
     arguments are tensors (bf16; fp32 for LSE, delta and the dQ accumulator; cu_seqlens absent),
-    *_scale are fp32, the rest int32, strides and lengths divisible by 16."""
+    *_scale are fp32, the rest int32, strides and lengths divisible by 16; no ALiBi slopes (AlibiSlopes None)."""
     sig, cons, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name], cons[(i,)] = "constexpr", constexprs[name]
-        elif name.startswith("CuSeqlens"):
+        elif name.startswith(("CuSeqlens", "AlibiSlopes")):
             sig[name], cons[(i,)] = "constexpr", None
         elif name[0].isupper():
             sig[name] = "*fp32" if name in FP32_POINTERS else "*bf16"
@@ -81,7 +81,7 @@ def signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
 def constexprs(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: KernelConfig) -> dict:
     """cfg: the pass's parameters (for "bwd", the dK/dV programs'); cfg_dq: the dQ programs' in "bwd"."""
     c = dict(NUM_HEADS=MODEL_DIM // d, GROUP=1, HEAD_DIM=d, HEAD_DIM_PAD=d, IS_VARLEN=False,
-             HAS_LEFT=False, HAS_RIGHT=causal, PRECISION="tf32")
+             HAS_LEFT=False, HAS_RIGHT=causal, PRECISION="tf32", SOFTCAP=0.0, ALIBI=False)
     if pass_name == "fwd":
         return c | dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
     dq = cfg if pass_name == "dq" else cfg_dq
