@@ -252,7 +252,9 @@ def corpus_record(corpus, bundle, config: DataConfig, longest: int = 5) -> dict:
 
 def e1_scaling(x: Experiment) -> None:
     """scripts/bench_context.py's sweep (no train.py runs): per attention backend and memory plan, full
-    training steps at contexts doubling until out of memory; peak memory and tokens/s vs context."""
+    training steps at contexts doubling until out of memory; peak memory and tokens/s vs context. Ours
+    and the baselines (sdpa_cudnn+bp: PyTorch's best practice; flex+...docs: FlexAttention with a document
+    block mask) in the same run. Every configuration is checked before the first point."""
     r = x.runner
     configs = list(r.configs)
     for key, names, known in (("runner.model", [r.model], bench_context.MODELS),
@@ -261,15 +263,28 @@ def e1_scaling(x: Experiment) -> None:
             raise ConfigError(key, f"unknown {', '.join(map(repr, unknown))}", f"choose from {', '.join(known)}")
     if not 0 < r.start <= r.max:
         raise ConfigError("runner.start", f"{r.start} is not in 1..runner.max ({r.max})", "start at a shorter context")
+    doc_len = r.get("doc_len", bench_context.DOC_LEN)
+    if not isinstance(doc_len, int) or doc_len < 1:
+        raise ConfigError("runner.doc_len", f"{doc_len!r} is not an int >= 1", "mean tokens per packed document, "
+                          f"e.g. {bench_context.DOC_LEN}")
+    for name in configs:   # the model each configuration builds, before any point runs
+        try:
+            bench_context.gpt_config(name, r.model, r.start, x.device)
+        except ValueError as e:
+            raise ConfigError("runner.configs", f"{name!r}: {e}", "drop it or change runner.model") from None
     rows = bench_context.sweep(configs, r.model, r.start, r.max, r.steps, r.long_steps, r.long_from,
                                r.max_step_seconds, x.device, x.out_root, wandb=x.cfg.logger.mode,
                                project=x.cfg.logger.project, log=lambda row: print(json.dumps(row), flush=True),
                                max_by_config=dict(r.get("max_by_config") or {}),
-                               breakdown_at=tuple(r.get("breakdown_at") or ()))
-    x.results |= {"model": r.model, "model_config": bench_context.MODELS[r.model],
-                  "configs": {name: dict(zip(("attention", "sdpa_backend", "memory_plan"),
-                                             bench_context.backend(name, x.device))) for name in configs},
-                  "rows": rows}
+                               breakdown_at=tuple(r.get("breakdown_at") or ()), doc_len=doc_len)
+
+    def described(name: str) -> dict:
+        c = bench_context.backend(name, x.device)
+        return dict(attention=c.attention, sdpa_backend=c.sdpa_backend, memory_plan=c.plan, documents=c.docs,
+                    train_overrides=bench_context.train_overrides(name))
+
+    x.results |= {"model": r.model, "model_config": bench_context.MODELS[r.model], "doc_len": doc_len,
+                  "configs": {name: described(name) for name in configs}, "rows": rows}
 
 
 def e2_passkey(x: Experiment) -> None:
@@ -359,14 +374,42 @@ def report_e1(res: dict, out: Path) -> tuple[str, str, list[str]]:
         stop = (mine[-1]["status"] if mine[-1]["status"] != "ok" else
                 f"step > {r['max_step_seconds']} s" if mine[-1]["step_s"] > r["max_step_seconds"] else
                 "runner.max_by_config" if name in (r.get("max_by_config") or {}) else "runner.max")
-        return [name, f"sdpa ({c['sdpa_backend']})" if c["attention"] == "sdpa" else c["attention"], plan,
+        attention = {"sdpa": f"sdpa ({c['sdpa_backend']})", "flex": "flex (compiled, block mask)"}.get(
+            c["attention"], c["attention"])
+        if c.get("documents"):
+            attention += ", per document"
+        return [name, attention, plan,
                 human(ok[-1]["seq_len"]) if ok else "none", f"{ok[-1]['tokens_per_s']:,.0f}" if ok else None, stop]
+
+    baselines = []   # what the baseline rows are, for the configurations this run has
+    names = list(res["configs"])
+    if bp := [n for n in names if tuple(res["configs"][n]["memory_plan"]) == tuple(bench_context.BEST_PRACTICE)]:
+        baselines.append(
+            f"{', '.join(f'`{n}`' for n in bp)}: `+bp` is PyTorch's best practice for a long context, measured in "
+            "this run: activation checkpointing of every block (`torch.utils.checkpoint`, the whole block recomputed "
+            f"in backward), the loss in {human(bench_context.BEST_PRACTICE[2])}-token tiles (no N x vocab logits), "
+            "no sequence tiling" + ("; `sdpa_cudnn+bp` with SDPA's cuDNN kernel (on a CPU, which has none, SDPA's "
+                                    "CPU flash kernel)." if "sdpa_cudnn+bp" in bp else "."))
+    if docs := [n for n in names if res["configs"][n].get("documents")]:
+        baselines.append(
+            f"{', '.join(f'`{n}`' for n in docs)}: one row of packed random documents (lengths uniform in 1.."
+            f"{2 * res['doc_len'] - 1} tokens, mean {human(res['doc_len'])}: `runner.doc_len`; the same documents "
+            "for every configuration at a context), each token attending only within its document: ours through "
+            "the varlen API; the document-masked baseline is FlexAttention (`torch.compile`d `flex_attention`) "
+            "with a block mask from compiled `create_block_mask` and a document `mask_mod` on the row's document "
+            "ids, made once per step. MFU counts the attention FLOPs the documents need (sum of squared lengths).")
+    equivalents = [f"`{n}`: `{' '.join(c['train_overrides'])}`" for n, c in res["configs"].items()
+                   if c.get("train_overrides")]
 
     sections = [
         "Longest context that trained, per configuration:\n\n" + table(
             ["config", "attention", "memory plan", "longest context", "tokens/s there", "stopped by"],
-            [overview(name) for name in res["configs"]]),
-        "Every point (out of memory and errors are results too):\n\n" + bench_context.markdown_table(rows),
+            [overview(name) for name in res["configs"]])
+        + "".join(f"\n\n- {line}" for line in baselines)
+        + ("\n\nThe same settings in `train.py`:\n\n" + "\n".join(f"- {e}" for e in equivalents)
+           if equivalents else ""),
+        "Every point (out of memory, errors and skipped configurations are results too):\n\n"
+        + bench_context.markdown_table(rows),
         "Step s: median of the timed steps (the first is not timed unless it is the only one; with `offload` "
         "the pinned host buffers are allocated before any step, `training.memory.warm_host_memory`). MFU: model "
         "FLOPs (`GPT.flops_per_token`) over the device's dense bf16 peak, where known. "

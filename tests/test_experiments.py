@@ -111,12 +111,30 @@ def test_e1_scaling_smoke(tmp_path):
         assert f"]({png})" in report
         assert (report_dir / png).read_bytes()[:8] == PNG_MAGIC and (report_dir / png).stat().st_size > 1000
     results = json.loads((report_dir / "results.json").read_text())
-    configs = ["flash+plan", "flash", "naive"]
+    configs = ["flash+plan", "flash", "naive", "sdpa_cudnn+bp", "flash+plan+docs", "flex+bp+docs"]
     cuda = torch.cuda.is_available()
     # on CPU our kernels' path is the reference; on a GPU the sweep runs the kernels and reads the peak
     assert results["configs"]["flash"]["attention"] == ("flash" if cuda else "reference")
+    # the baselines are rows of the same run: PyTorch's best practice (SDPA cuDNN, or on a CPU SDPA's CPU
+    # kernel, every block checkpointed, 16K loss tiles) and FlexAttention on packed documents
+    bp = results["configs"]["sdpa_cudnn+bp"]
+    assert (bp["attention"], bp["sdpa_backend"], bp["memory_plan"]) == ("sdpa", "cudnn" if cuda else "flash",
+                                                                      ["block", 0, 16384])
+    assert "train.activation_checkpointing=block" in bp["train_overrides"]
+    flex = results["configs"]["flex+bp+docs"]
+    assert flex["attention"] == "flex" and flex["documents"] and flex["train_overrides"] is None
+    assert results["doc_len"] == 48
     rows = results["rows"]
+    if not cuda:   # FlexAttention has no CPU backward: one skipped row, and the sweep goes on
+        skipped = [r for r in rows if r["config"] == "flex+bp+docs"]
+        assert len(skipped) == 1 and skipped[0]["status"].startswith("skipped: FlexAttention"), skipped
+        rows = [r for r in rows if r is not skipped[0]]
+        configs.remove("flex+bp+docs")
+        assert "skipped: FlexAttention" in report
+    assert "PyTorch's best practice" in report and "FlexAttention" in report
+    assert "`sdpa_cudnn+bp`: `model.attention=sdpa model.sdpa_backend=cudnn" in report   # as train.py settings
     assert [(r["config"], r["seq_len"]) for r in rows] == [(c, n) for c in configs for n in (64, 128, 256)]
+    assert all(r["documents"] > 1 for r in rows if r["config"].endswith("+docs"))
     for r in rows:
         assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["step_s"] > 0, r
         assert r["saved_for_backward_gib"] > 0
@@ -243,10 +261,10 @@ def test_context_sweep_records_oom_and_goes_on(tmp_path, monkeypatch):
     bench = experiment.bench_context
     real = bench.run_point
 
-    def run_point(name, model_name, seq_len, steps, device, compile=False):
+    def run_point(name, model_name, seq_len, steps, device, compile=False, **kw):
         if name == "naive" and seq_len > 64:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(name, model_name, seq_len, steps, device, compile)
+        return real(name, model_name, seq_len, steps, device, compile, **kw)
 
     monkeypatch.setattr(bench, "run_point", run_point)
     logged = []
