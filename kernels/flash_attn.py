@@ -104,7 +104,7 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     scale = check_options(q.shape[-1], softmax_scale, window_size)
     softcap = check_softcap(softcap)
     if varlen:
-        check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        max_seqlen_q, max_seqlen_k = check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
     if alibi_slopes is not None:
@@ -227,7 +227,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=Fals
     scale = check_options(q.shape[-1], softmax_scale, window_size)
     softcap = check_softcap(softcap)
     if varlen:
-        check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        max_seqlen_q, max_seqlen_k = check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
     if alibi_slopes is not None:

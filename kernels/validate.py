@@ -9,10 +9,14 @@ import weakref
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Offsets that passed check_cu_seqlens: (weakref q, weakref k, versions and sizes), newest last. A model
+# Offsets that passed check_cu_seqlens: (weakref q, weakref k, versions and sizes, the launch's max_seqlen
+# pair), newest last. A model
 # passes one tensor to every layer; a context-parallel ring a few per batch (training/context_parallel.py).
 _checked: list = []
 CHECKED_KEPT = 16
+# check_cu_seqlens rounds the longest document up to this for the launch grid: the kernels' largest BLOCK_M,
+# so at most one query block per document is empty, and few distinct values reach the launch caches
+GRID_ROUND = 128
 MAX_HEAD_DIM = 256
 
 
@@ -71,6 +75,11 @@ def check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 
     Reads the (tiny) offsets back to the host once, so max_seqlen can be checked too: a max_seqlen
     smaller than a document would silently drop rows from the launch grid.
+
+    Returns (max_seqlen_q, max_seqlen_k) for the launch: the longest document rounded up to GRID_ROUND
+    (and at most the caller's bound). Callers often pass a loose bound (a model passes its row length T),
+    and the grid is documents x ceil(max_seqlen / BLOCK_M) programs: with many short documents nearly all
+    of them would start only to find no rows. Under torch.compile (no read-back) the caller's values.
     """
     for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
@@ -89,12 +98,13 @@ def check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
                          f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     if torch.compiler.is_compiling():
-        return
+        return max_seqlen_q, max_seqlen_k
     # A model passes the same cu_seqlens to every layer: read the offsets back (a device sync) once
     # per tensor and version, not once per layer.
     key = (cu_seqlens_q._version, cu_seqlens_k._version, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    if any(ref_q() is cu_seqlens_q and ref_k() is cu_seqlens_k and was == key for ref_q, ref_k, was in _checked):
-        return
+    for ref_q, ref_k, was, tight in _checked:
+        if ref_q() is cu_seqlens_q and ref_k() is cu_seqlens_k and was == key:
+            return tight
     stats = read_back(cu_seqlens_q, cu_seqlens_k)
     for (name, total, max_len), (first, last, min_len, longest) in zip(
             (("cu_seqlens_q", q.shape[0], max_seqlen_q), ("cu_seqlens_k", k.shape[0], max_seqlen_k)), stats):
@@ -108,8 +118,11 @@ def check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         mname = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
         if longest > max_len:
             raise ValueError(f"{mname} = {max_len} is smaller than the longest document ({longest})")
-    _checked.append((weakref.ref(cu_seqlens_q), weakref.ref(cu_seqlens_k), key))
+    tight = tuple(min(max_len, -(-max(longest, 1) // GRID_ROUND) * GRID_ROUND)
+                  for max_len, (_, _, _, longest) in zip((max_seqlen_q, max_seqlen_k), stats))
+    _checked.append((weakref.ref(cu_seqlens_q), weakref.ref(cu_seqlens_k), key, tight))
     del _checked[:-CHECKED_KEPT]
+    return tight
 
 
 def read_back(cu_seqlens_q, cu_seqlens_k) -> list:

@@ -289,3 +289,30 @@ def test_bad_packed_and_varlen_only_arguments_raise(device):
         flash_attn_varlen_func(q, q, q, cu, cu, 8, 8, block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"alibi_slopes must have shape .* \(batch, nheads\) = \(1, 4\)"):
         flash_attn_varlen_func(q, q, q, cu, cu, 8, 8, alibi_slopes=torch.ones(2, 4, device=device))
+
+
+def test_varlen_grid_follows_the_longest_document(device, monkeypatch):
+    """A loose max_seqlen (a model passes its row length) launches documents x ceil(longest / BLOCK_M) query
+    blocks, not documents x ceil(max_seqlen / BLOCK_M): the launch gets the longest document rounded up to
+    GRID_ROUND, the forward and the backward alike; the results are those of the tight call."""
+    from kernels.validate import GRID_ROUND
+    seen = []
+    real_fwd, real_bwd = flash_attn_module.attn_fwd, flash_attn_module.attn_bwd
+    monkeypatch.setattr(flash_attn_module, "attn_fwd", lambda *a: seen.append(("fwd", a[8], a[9])) or real_fwd(*a))
+    monkeypatch.setattr(flash_attn_module, "attn_bwd", lambda *a: seen.append(("bwd", a[12], a[13])) or real_bwd(*a))
+    lengths = [3, 40, 0, 17, 1]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    total = int(cu[-1])
+    q, k, v = (torch.randn(total, 2, 16, device=device, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    loose = flash_attn_varlen_func(q, k, v, cu, cu, 4096, 4096, causal=True)
+    loose.float().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    assert seen == [("fwd", GRID_ROUND, GRID_ROUND), ("bwd", GRID_ROUND, GRID_ROUND)]
+    for t in (q, k, v):
+        t.grad = None
+    tight = flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+    tight.float().sum().backward()
+    assert seen[2:] == [("fwd", max(lengths), max(lengths)), ("bwd", max(lengths), max(lengths))]  # never raised
+    assert torch.equal(loose, tight)
+    for g, t in zip(grads, (q, k, v)):
+        assert torch.equal(g, t.grad)
