@@ -16,6 +16,19 @@ if not torch.cuda.is_available():
 os.environ.setdefault("LONGCTX_CHECK_LAUNCH_CACHE", "1")
 
 
+def interpreter_trouble() -> str | None:
+    """Why Triton's interpreter cannot run our kernels in this environment, or None. Triton 3.6's interpreter
+    calls int() on 1-element arrays (a tl.range bound), which NumPy >= 2.5 refuses (deprecated since 1.25); the
+    GPU image pairs Triton 3.6 with NumPy 2.5.2. requirements.txt's Triton 3.7.1 has no such call."""
+    import numpy
+    import triton
+    from kernels.dispatch import version
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 5):
+        return (f"Triton {triton.__version__}'s interpreter fails under NumPy {numpy.__version__} (int() of a "
+                "1-element array); Triton >= 3.7 or NumPy < 2.5 runs these")
+    return None
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

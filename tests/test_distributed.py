@@ -37,7 +37,7 @@ from training.checkpoint import (LATEST, CheckpointError, find_latest, load_chec
 from training.validate import ConfigError, validate
 
 # Every run: 4 steps, checkpoints and evaluations at 2 and 4; each run below adds its own
-RUN = ["data.max_docs=null", "data.val_fraction=0.1", "train.max_steps=4", "train.eval_every=2",
+RUN = ["train.device=cpu", "data.max_docs=null", "data.val_fraction=0.1", "train.max_steps=4", "train.eval_every=2",
        "train.ckpt_every=2", "train.eval_batches=1", "train.sample_tokens=0"]
 CP = ["model.attention=reference"]   # what the context-parallel ring runs: our kernels (their PyTorch reference here)
 # Not bitwise: FSDP sums each gradient over the ranks in another order than one process sums it over rows, and
@@ -333,7 +333,7 @@ def test_parallel_config_errors_name_the_key(make_cfg, monkeypatch, world, overr
 ])
 def test_parallel_configs_that_factor_pass(make_cfg, monkeypatch, world, overrides):
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    validate(make_cfg(*overrides, "train.sample_tokens=0"))
+    validate(make_cfg(*overrides, "train.sample_tokens=0", "train.device=cpu"))   # gloo: on a GPU machine too
 
 
 # --- the row slicing ----------------------------------------------------------------------------------

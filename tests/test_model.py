@@ -415,7 +415,7 @@ def test_flash_matches_sdpa_on_cuda_bf16():
 
 
 @pytest.mark.parametrize("plan", ["none", "selective"])
-def test_documents_cost_one_read_back_a_step(plan, monkeypatch):
+def test_documents_cost_one_read_back_a_step(plan, monkeypatch, device):
     """The kernels check a varlen call's offsets by reading them back to the host, a device sync. The model
     hands every layer, forward and backward, one merged offsets tensor, so a training step with documents
     reads back once, not once per layer (issue 23: 2 x n_layer syncs a step before)."""
@@ -424,7 +424,8 @@ def test_documents_cost_one_read_back_a_step(plan, monkeypatch):
     reads, real = [], validate.read_back
     monkeypatch.setattr(validate, "read_back", lambda *a: reads.append(1) or real(*a))
     model = apply_memory_plan(make_model(n_layer=3, attention="flash", d_model=32, n_head=2).train(), plan, 0, 0)
-    input_ids, targets, position_ids, cu_seqlens = packed_batch()
+    model.to(device)
+    input_ids, targets, position_ids, cu_seqlens = (t.to(device) for t in packed_batch())
     for step in range(2):   # a new batch's offsets (a new tensor) are checked again, once
         reads.clear()
         _, loss = model(input_ids, targets, position_ids, cu_seqlens.clone())
