@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks behind the issues' closing notes, in one command (run on a CUDA machine):
-#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train] [memory] [kernel] [e2e] [tutorial]
+#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train] [memory] [kernel] [e2e] [tutorial] [docs] [experiments]
 # tests: the whole suite compiled on the GPU; bench: the kernel grid vs SDPA (make bench);
 # train: GPT-2 small at 16K context, 200 steps with our kernel and with SDPA, same seed and data;
 # memory: GPT-2 124M with and without the memory plan from 64K to 1M tokens, with what holds the
@@ -12,6 +12,8 @@
 # e2e: host microseconds per forward+backward (make bench --host-overhead), then GPT-2 124M's compiled
 # training step at 8K with our kernels (deterministic_attention false / true) and SDPA cuDNN, same machine,
 # then ours and cuDNN compiled with CUDA graphs (--compile reduce-overhead).
+# docs: the document-masked step against the dense one (bench_context's flash vs flash+docs, then train.py).
+# experiments: E3, E2, E4 end to end (EXPERIMENTS="e3_context ..." to choose), each report tarred into $OUT.
 # tutorial: the grid in fp16 (the Triton tutorial's kernel is fp16 only) with the tutorial (its default call and
 # warp specialization off) beside ours (also with the opt-in TMA forward, ours_tma) and cuDNN;
 # TUTORIAL=path/to/06-fused-attention.py from a Triton checkout at the installed version (our tree does not
@@ -63,6 +65,27 @@ for s in "${steps[@]}"; do
       $PY scripts/bench_attention.py --dtype float16 --tutorial "${TUTORIAL:?set TUTORIAL to 06-fused-attention.py}" \
         --providers ours ours_det ours_tma tutorial tutorial_nows sdpa_cudnn --out "$OUT/tutorial" ${BENCH_ARGS:-} 2>&1 \
         | grep -v '^{"D"' | tail -45 ;;
-    *) echo "unknown step $s (tests | bench | train | memory | kernel | e2e | tutorial)"; exit 2 ;;
+    docs)
+      # issue 23 goal 1: the document-masked step against the dense one, same run: the sweep's packed documents
+      # (mean 8K tokens) at 8K and 64K, then train.py on the default data with and without document masking
+      $PY scripts/bench_context.py --configs flash flash+docs --start 8192 --max 65536 --steps 10 --wandb none \
+        --out "$OUT/docs" 2>&1 | grep -v '^{"config"' | tail -8
+      for masking in true false; do
+        $PY train.py model=gpt2_small data.seq_len=8192 data.batch_size=4 data.doc_masking=$masking \
+          train.max_steps=60 train.warmup_steps=10 train.eval_every=100000 train.eval_batches=1 \
+          train.ckpt_every=100000 train.sample_tokens=0 logger=none hydra.run.dir="/tmp/runs/docs_$masking" 2>&1 \
+          | grep -v "train:" | tail -2
+        cp "/tmp/runs/docs_$masking/metrics.jsonl" "$OUT/train_docs_$masking.jsonl"
+      done ;;
+    experiments)
+      # E3, E2, E4 (EXPERIMENTS to choose), the site corpus prepared first; reports land in reports/<name>/ and
+      # are copied to $OUT. ~10, ~9 and ~7 minutes on one H200 plus ~3 to prepare: start it with setsid and
+      # keep the machine held, since one call is limited to 10 minutes
+      $PY scripts/prepare_data.py experiment=e3_context 2>&1 | tail -1
+      for name in ${EXPERIMENTS:-e3_context e2_passkey e4_extend}; do
+        $PY scripts/experiment.py "$name" logger=none 2>&1 | grep -v "train:" | tail -4
+        tar czf "$OUT/$name.tgz" "reports/$name"
+      done ;;
+    *) echo "unknown step $s (tests | bench | train | memory | kernel | e2e | tutorial | docs | experiments)"; exit 2 ;;
   esac
 done
