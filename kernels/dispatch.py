@@ -43,7 +43,7 @@ except ImportError:   # Triton < 3.4, which the cached path is off for anyway
 TESTED_TRITON = {
     "cached launches": {(3, 6)},          # Cached below: reads the JIT's caches and the launcher's arguments
     "Gluon kernels": {(3, 6)},            # flash_fwd_hopper.py, flash_bwd_hopper.py: Gluon is experimental
-    "TMA forward by default": {(3, 6)},   # flash_fwd_tma.py where launch.py's _SM90_TMA_FWD picks it
+    "TMA forward by default": {(3, 6)},   # flash_fwd_tma.py where policy.py's TMA_FWD picks it
 }
 _said_untested: list[bool] = [False]
 

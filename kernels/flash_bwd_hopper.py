@@ -28,9 +28,9 @@ memory with one TMA reduce-add (``cp.reduce.async.bulk.tensor ... add``), then f
 ("ds_free") for the tile two steps later. The additions from different key blocks land in whatever
 order the programs reach them, so dQ may differ in its last bits from run to run.
 
-Scope: kernels/hopper.py (``supported``); anything else runs the Triton kernel. Gluon kernels do not
-run under TRITON_INTERPRET: they are tested on the GPU, and compiled for sm_90a without one
-(tests/test_gluon_hopper.py, scripts/kernel_report.py).
+Scope: kernels/hopper.py (``supported``; kernels/policy.py decides, rules "bwd.gluon" and "dq.fused_gluon");
+anything else runs the Triton kernel. Gluon kernels do not run under TRITON_INTERPRET: they are tested on the
+GPU, and compiled for sm_90a without one (tests/test_gluon_hopper.py, scripts/kernel_report.py).
 """
 import torch
 from triton.experimental import gluon
@@ -39,9 +39,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from . import policy
 from .dispatch import Cached
-from .hopper import (CONSUMER_REGS, HAS_TMA_REDUCE, MAXNREG, LaunchChoice, descriptor, in_scope, row_descriptor,
-                     thread_barrier, tile_layout, tma_reduce_add, warpgroup_layout)
+from .hopper import (CONSUMER_REGS, HAS_TMA_REDUCE, MAXNREG, descriptor, in_scope, row_descriptor, thread_barrier,
+                     tile_layout, tma_reduce_add, warpgroup_layout)
 
 BLOCK_N = gl.constexpr(128)        # keys per program, 64 per consumer warpgroup
 HALF_N = gl.constexpr(64)
@@ -256,23 +257,30 @@ def supported(q, k, v, dout, left: int, right: int, varlen: bool) -> bool:
 
 
 # Head dims at which the backward takes dQ in this kernel when the caller allows a non-deterministic dQ
-# (deterministic=False). H200, fwd+bwd against the dK/dV kernel plus the Triton dQ pass, same run: d64 full
-# 16K 450 vs 371 TFLOP/s, causal 421 vs 367; d128 (since LSE and delta are read from shared memory, so the
-# dQ tile fits beside dK and dV) full 16K 526 vs 490, causal 16K 514 vs 478, causal 4K 439 vs 408
-# (docs/perf-notes.md, session 13).
-FUSED_DQ_HEAD_DIMS = (64, 128)
+# (deterministic=False): policy.FUSED_DQ_HEAD_DIMS, its measurement in policy.RULES "dq.fused_gluon".
+FUSED_DQ_HEAD_DIMS = policy.FUSED_DQ_HEAD_DIMS
+
+
+def _overrides():
+    from .launch import active   # launch.py loads this module (at the first launch on a GPU), not the other way
+    return active()
 
 
 def fuses_dq(head_dim: int) -> bool:
-    """Whether attn_bwd computes dQ too (dq_acc) at this head dim; the dQ product needs 64-row tiles, and
-    the TMA reduce-add a Triton that builds it (HAS_TMA_REDUCE)."""
-    return HAS_TMA_REDUCE and head_dim in FUSED_DQ_HEAD_DIMS and launch_config(head_dim)[0] >= 64
+    """Whether attn_bwd computes dQ too (dq_acc) at this head dim (policy.fuses_dq, the overrides in force); the
+    dQ product needs 64-row tiles, and the TMA reduce-add a Triton that builds it (HAS_TMA_REDUCE)."""
+    return policy.fuses_dq(head_dim, HAS_TMA_REDUCE, _overrides())
 
 
-# (BLOCK_M, STAGES): query rows per tile and slots in the ring, per head dim (H200: 32-row tiles 5-9% slower,
-# 3 slots level with 2 at d128; docs/perf-notes.md)
-launch_config = LaunchChoice({64: (64, 3), 128: (64, 2)})
-override_launch = launch_config.override
+def launch_config(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_M, STAGES): query rows per tile and slots in the ring (policy.GLUON_BWD_LAUNCH, or override_launch's)."""
+    return policy.gluon_bwd_launch(head_dim, _overrides())
+
+
+def override_launch(block_m: int, stages: int):
+    """Force this kernel's (BLOCK_M, STAGES) at every head dim for the block: benchmarks and tests."""
+    from .launch import overriding
+    return overriding(gluon_bwd_launch=(block_m, stages))
 
 
 def dq_descriptor(dq_acc: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -291,10 +299,12 @@ def vector_descriptor(t: torch.Tensor, block: int) -> TensorDescriptor:
 _launch = Cached(_attn_bwd_hopper)
 
 
-def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, key, dq_acc: torch.Tensor | None = None):
+def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, key, dq_acc: torch.Tensor | None = None,
+             launch: tuple[int, int] | None = None):
     """dK and dV into ``dk``, ``dv`` ((B, N, H_kv, D), contiguous); lse2 and delta (B, H, N) fp32, contiguous.
     With ``dq_acc`` (fp32 zeros like q, contiguous) also dQ / scale, accumulated there by TMA reduce-add (the
-    order of the additions varies from run to run); without it the dQ pass is the caller's.
+    order of the additions varies from run to run); without it the dQ pass is the caller's. ``launch``: (BLOCK_M,
+    STAGES), policy.choose's (None: launch_config's).
 
     lse2 is the LSE in base 2 (times log2(e)), +inf for rows that saw no key (their P is then exactly 0, not
     NaN); kernels/flash_bwd.py writes it with delta (WRITE_LSE2: the preprocess kernel before the fused
@@ -303,7 +313,7 @@ def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, key
     kernels/dispatch.py key, which kernels/launch.py builds from its caller's tensors."""
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
-    bm, st = launch_config(head_dim)
+    bm, st = launch or launch_config(head_dim)
     grid = (batch * nheads_k * (seqlen // BLOCK_N.value),)
     _launch(
         key, grid, row_descriptor(q, bm), row_descriptor(dout, bm), row_descriptor(k, HALF_N.value),

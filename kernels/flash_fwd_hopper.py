@@ -16,16 +16,17 @@ at every key tile. One program owns BLOCK_M = 128 query rows of one head:
   both tend to compute exponentials at the same time and leave the tensor cores idle.
 
 Causal masking is applied only on the tiles that cross the diagonal. Scope: kernels/hopper.py from MIN_SEQLEN
-on (``supported``); everything else runs the Triton forward. Tested on the GPU and compiled for sm_90a
-without one (tests/test_gluon_hopper.py, scripts/kernel_report.py).
+on (``supported``; kernels/policy.py decides, rule "fwd.gluon"); everything else runs the Triton forward. Tested
+on the GPU and compiled for sm_90a without one (tests/test_gluon_hopper.py, scripts/kernel_report.py).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from . import policy
 from .dispatch import Cached
-from .hopper import CONSUMER_REGS, MAXNREG, LaunchChoice, in_scope, row_descriptor, warpgroup_layout
+from .hopper import CONSUMER_REGS, MAXNREG, in_scope, row_descriptor, warpgroup_layout
 
 BLOCK_M = gl.constexpr(128)   # query rows per program, 64 per consumer warpgroup
 HALF_M = gl.constexpr(64)
@@ -195,33 +196,43 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_
                        [4, 1], [CONSUMER_REGS, 24])
 
 
-# The shortest sequence (causal or not) whose forward this kernel runs, per head dim; shorter ones run the
-# Triton forward. H200, same run (docs/bench/h200-fwd-short-2026-11-29n.json): d128 this kernel is ahead from
-# 1K on (causal 1K 345 vs 270 TFLOP/s, full 475 vs 382); d64 the Triton one is ahead at 1K-2K (causal 2K 329
-# vs 312, full 1K 380 vs 339) and level or behind from 4K on (causal 4K 363 vs 373, full 16K 409 vs 441).
-MIN_SEQLEN = {64: 4096, 128: 128}
+# The shortest sequence (causal or not) whose forward this kernel runs, per head dim: policy.GLUON_FWD_MIN_SEQLEN
+# (its measurement: policy.RULES "fwd.gluon"); shorter ones run the Triton forward.
+MIN_SEQLEN = policy.GLUON_FWD_MIN_SEQLEN
+
+
+def _overrides():
+    from .launch import active   # launch.py loads this module (at the first launch on a GPU), not the other way
+    return active()
 
 
 def supported(q, k, v, left: int, right: int, varlen: bool) -> bool:
-    """Whether this kernel runs the forward of these inputs: kernels/hopper.py's scope (its causal length rule
-    is the backward's), from MIN_SEQLEN tokens on."""
-    shortest = MIN_SEQLEN.get(q.shape[-1])
-    return shortest is not None and q.shape[1] >= shortest and in_scope((q, k, v), left, right, varlen, min_causal=0)
+    """Whether this kernel takes the forward of these inputs: kernels/hopper.py's scope (its causal length rule
+    is the backward's), from MIN_SEQLEN tokens on (the overrides in force)."""
+    return (policy.gluon_fwd_length_ok(q.shape[-1], q.shape[1], _overrides())
+            and in_scope((q, k, v), left, right, varlen, min_causal=0))
 
 
-# (BLOCK_N, STAGES): key rows per tile and slots in the ring, per head dim (H200, docs/perf-notes.md)
-launch_config = LaunchChoice({64: (128, 3), 128: (128, 3)})
-override_launch = launch_config.override
+def launch_config(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_N, STAGES): key rows per tile and slots in the ring (policy.GLUON_FWD_LAUNCH, or override_launch's)."""
+    return policy.gluon_fwd_launch(head_dim, _overrides())
+
+
+def override_launch(block_n: int, stages: int):
+    """Force this kernel's (BLOCK_N, STAGES) at every head dim for the block: benchmarks and tests."""
+    from .launch import overriding
+    return overriding(gluon_fwd_launch=(block_n, stages))
 
 
 _launch = Cached(_attn_fwd_hopper)
 
 
-def attn_fwd(q, k, v, out, lse, scale: float, causal: bool, key):
+def attn_fwd(q, k, v, out, lse, scale: float, causal: bool, key, launch: tuple[int, int] | None = None):
     """Output into ``out`` ((B, N, H, D), contiguous) and the natural-log LSE into ``lse`` ((B, H, N) fp32).
-    ``key``: the launch's kernels/dispatch.py key, which kernels/launch.py builds from its caller's tensors."""
+    ``key``: the launch's kernels/dispatch.py key, which kernels/launch.py builds from its caller's tensors;
+    ``launch``: (BLOCK_N, STAGES), policy.choose's (None: launch_config's)."""
     batch, seqlen, nheads, head_dim = q.shape
-    block_n, stages = launch_config(head_dim)
+    block_n, stages = launch or launch_config(head_dim)
     grid = (batch * nheads * (seqlen // BLOCK_M.value),)
     _launch(
         key, grid, row_descriptor(q, HALF_M.value), row_descriptor(k, block_n), row_descriptor(v, block_n), out, lse,

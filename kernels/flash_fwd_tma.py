@@ -9,9 +9,9 @@ head's D columns) instead of per-thread pointer loads.
 Why (docs/perf-notes.md, sessions 16-17): at d64, causal, 1K-4K tokens the Triton tutorial's forward, which
 loads this way with 64x64 tiles, was 3-8% ahead of ours; our pointer-load forward got slower, not faster,
 with its tiles (236 vs 273 TFLOP/s at 1K). This kernel, with its causal grid folded (each program one long
-and one short query block), runs by default on Hopper where kernels/launch.py's ``_SM90_TMA_FWD`` says (d64:
-causal up to 4K, unmasked up to 2K). H200 fp16, causal 1K / 2K: 303 / 344 TFLOP/s against the pointer-load
-forward's 262 / 307 and the tutorial's 261±45 / 330 in the same run.
+and one short query block), runs by default on Hopper where kernels/policy.py's ``TMA_FWD`` says (d64:
+causal up to 4K, unmasked up to 2K; rule "fwd.tma", scope ``policy.tma_shapes``). H200 fp16, causal 1K / 2K:
+303 / 344 TFLOP/s against the pointer-load forward's 262 / 307 and the tutorial's 261±45 / 330 in the same run.
 """
 import functools
 
@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import policy
 from .flash_fwd import _cast, _dot
 
 try:
@@ -112,20 +113,19 @@ def rows_view_ok(t: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _has_tma(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def supported(q, k, v, left: int, right: int, varlen: bool, block_m: int, block_n: int) -> bool:
-    """Whether this kernel takes these inputs with these tiles (module docstring): on a GPU with TMA (Hopper
-    on), or in Triton's interpreter."""
-    n, d = q.shape[1], q.shape[-1]
-    return (TensorDescriptor is not None and not varlen and left < 0 and right in (-1, 0)
-            and (not q.is_cuda or _has_tma(q.device.index if q.device.index is not None
-                                           else torch.cuda.current_device()))
-            and q.dtype in (torch.float16, torch.bfloat16) and d in (64, 128) and k.shape[1] == n
-            and n % block_m == 0 and n % block_n == 0 and block_m % block_n == 0
-            and all(map(rows_view_ok, (q, k, v))))
+    """Whether this kernel takes these inputs with these tiles (module docstring, ``policy.tma_shapes``): on a GPU
+    with TMA (Hopper on), or in Triton's interpreter."""
+    machine = policy.Machine("cpu", tensor_descriptor=TensorDescriptor is not None)
+    if q.is_cuda:
+        machine = machine._replace(kind="cuda", major=_major(q.device.index if q.device.index is not None
+                                                             else torch.cuda.current_device()))
+    problem = policy.Problem(q.dtype, q.shape[-1], q.shape[1], k.shape[1], left, right, varlen)
+    return policy.tma_shapes(machine, problem, block_m, block_n) and all(map(rows_view_ok, (q, k, v)))
 
 
 def _descriptor(t: torch.Tensor, rows: int):

@@ -5,9 +5,9 @@ Both kernels read Q, K, V (and dO) as 2-D row views (batch * seqlen, heads * hea
 TMA copy. They take bf16/fp16 inputs with head dim 64 or 128, the batch layout with seqlen_q ==
 seqlen_k a multiple of 128, full or causal attention (no window), on sm_90; causal inputs from
 MIN_CAUSAL_SEQLEN on in the backward (the forward has its own length rule). Everything else runs the
-Triton kernels.
+Triton kernels. Those rules, with the measurements behind them, are kernels/policy.py's (``gluon_shapes``, RULES);
+``shapes_in_scope`` / ``in_scope`` here ask it about tensors.
 """
-import contextlib
 import functools
 
 import torch
@@ -17,14 +17,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from . import policy
 from .flash_fwd_tma import rows_view_ok
 
-SEQ_MULTIPLE = 128   # both kernels tile the sequence in blocks of 128 (two warpgroups of 64 rows)
-# Causal sequences shorter than this run the Triton backward. The first versions of the Gluon dK/dV kernel were
-# slower than the Triton one at 1K; today's is faster there too (H200, causal 1K, B 16, GPU time per fwd+bwd
-# from the profiler: d128 0.851 vs 0.944 ms, d64 1.080 vs 1.162 ms; docs/bench/h200-1k-candidates-2026-11-30l.txt).
-# Shorter lengths were not measured. The forward has its own rule.
-MIN_CAUSAL_SEQLEN = 1024
+SEQ_MULTIPLE = policy.SEQ_MULTIPLE   # both kernels tile the sequence in blocks of 128 (two warpgroups of 64 rows)
+# Causal sequences shorter than this run the Triton backward (policy.GLUON_BWD_MIN_CAUSAL_SEQLEN, with its
+# measurement in policy.RULES "bwd.gluon"). The forward has its own rule.
+MIN_CAUSAL_SEQLEN = policy.GLUON_BWD_MIN_CAUSAL_SEQLEN
 MAXNREG = 168        # kernel-wide register cap: 3 warpgroups x 128 threads x 168 fit an SM's 64K registers
 CONSUMER_REGS = gl.constexpr(240)  # each consumer warpgroup's registers per thread after setmaxnreg (the producer keeps 24)
 # The barrier over a partition's threads (the same debug_barrier op in both): Gluon's thread_barrier in Triton 3.6,
@@ -38,14 +37,12 @@ def warpgroup_layout(n):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
 
-def shapes_in_scope(tensors, left: int, right: int, varlen: bool, min_causal: int = MIN_CAUSAL_SEQLEN) -> bool:
+def shapes_in_scope(tensors, left: int, right: int, varlen: bool, min_causal: int | None = None) -> bool:
     """Whether the Gluon kernels take these (q, k, v[, dout]) with this window, on any device; causal inputs
     from min_causal tokens on (the forward has its own length rule, flash_fwd_hopper.MIN_SEQLEN)."""
     q, k = tensors[0], tensors[1]
-    return (not varlen and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
-            and q.shape[1] == k.shape[1] and q.shape[1] % SEQ_MULTIPLE == 0
-            and left < 0 and (right == -1 or (right == 0 and q.shape[1] >= min_causal))
-            and all(map(rows_view_ok, tensors)))
+    problem = policy.Problem(q.dtype, q.shape[-1], q.shape[1], k.shape[1], left, right, varlen)
+    return policy.gluon_shapes(problem, min_causal) and all(map(rows_view_ok, tensors))
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +50,7 @@ def _is_hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
-def in_scope(tensors, left: int, right: int, varlen: bool, min_causal: int = MIN_CAUSAL_SEQLEN) -> bool:
+def in_scope(tensors, left: int, right: int, varlen: bool, min_causal: int | None = None) -> bool:
     """shapes_in_scope, on a Hopper GPU."""
     q = tensors[0]
     return (q.is_cuda and _is_hopper(q.device.index if q.device.index is not None else torch.cuda.current_device())
@@ -84,26 +81,6 @@ def row_descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     b, n, h, d = t.shape
     dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
     return descriptor(t, [b * n, h * d], [t.stride(1), 1], [rows, d], tile_layout(rows, d, dtype))
-
-
-class LaunchChoice:
-    """A Gluon kernel's launch parameters (tile rows, ring slots) per head dim; ``override`` forces a
-    pair for benchmarks and tests."""
-
-    def __init__(self, by_head_dim: dict[int, tuple[int, int]]):
-        self.by_head_dim = by_head_dim
-        self.forced: tuple[int, int] | None = None
-
-    def __call__(self, head_dim: int) -> tuple[int, int]:
-        return self.forced or self.by_head_dim[head_dim]
-
-    @contextlib.contextmanager
-    def override(self, block: int, stages: int):
-        old, self.forced = self.forced, (block, stages)
-        try:
-            yield
-        finally:
-            self.forced = old
 
 
 # The builder call tma_reduce_add makes is not part of Gluon's public API: where a Triton lacks it, the

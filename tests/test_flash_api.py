@@ -12,6 +12,7 @@ import torch
 import kernels
 import kernels.flash_attn as flash_attn_module
 import kernels.launch as launch
+from kernels import policy
 from kernels import (flash_attn_backward, flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                      flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func)
 from kernels.launch import override_atomic_dq, override_one_launch
@@ -170,11 +171,14 @@ def test_cpu_reference_path_has_softcap_alibi(monkeypatch):
 
 
 def test_score_mods_take_the_portable_kernels(monkeypatch, device):
-    # softcap / ALiBi never reach the TMA or Gluon kernels (which lack them), and the default call passes the
-    # Triton kernels SOFTCAP=0.0, ALIBI=False and no slopes: the code without them
+    # softcap / ALiBi never reach the TMA or Gluon kernels (which lack them; kernels/policy.py takes them to the
+    # Triton kernels on any machine), and the default call passes the Triton kernels SOFTCAP=0.0, ALIBI=False and
+    # no slopes: the code without them
     asked, constexprs = [], []
-    monkeypatch.setattr(launch, "tma_fwd_config", lambda *a: asked.append("tma") or None)
-    monkeypatch.setattr(launch, "_gluon", lambda name, dev: asked.append(name) and False)
+    choose = policy.choose
+    monkeypatch.setattr(policy, "choose",
+                        lambda m, p, o=policy.DEFAULT: asked.append((p.softcap, p.alibi)) or choose(m, p, o))
+    launch._clear_caches()   # every key below new: the policy is asked once per launch
     for name in ("_FWD", "_BWD"):
         real = getattr(launch, name)
 
@@ -185,15 +189,19 @@ def test_score_mods_take_the_portable_kernels(monkeypatch, device):
         monkeypatch.setattr(launch, name, spy)
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 20, 20, 2, 2, 16, torch.float16, device))
     flash_attn_func(q, k, v, causal=True).sum().backward()
-    assert asked == ["tma", "fwd", "dkdv"]
+    assert asked == [(False, False)] * 2
     assert set(constexprs) == {("_FWD", 0.0, False, True), ("_BWD", 0.0, False, True)}
     asked.clear()
     constexprs.clear()
     for kw in (dict(softcap=5.0), dict(alibi_slopes=torch.ones(2, device=device))):
         flash_attn_func(q, k, v, causal=True, **kw).sum().backward()
-    assert asked == []
+    assert asked == [(True, False)] * 2 + [(False, True)] * 2
     assert set(constexprs) == {("_FWD", 5.0, False, True), ("_BWD", 5.0, False, True),
                                ("_FWD", 0.0, True, False), ("_BWD", 0.0, True, False)}
+    hopper = policy.Machine("cuda", major=9, num_sms=132, gluon=True, tma_fwd_tested=True, tma_reduce=True)
+    for mods in (dict(softcap=True), dict(alibi=True)):   # where the TMA and Gluon kernels would run otherwise
+        d = choose(hopper, policy.Problem(torch.float16, 64, 4096, 4096, -1, 0, deterministic=False, **mods))
+        assert (d.fwd, d.bwd) == ("triton", "triton") and d.dq != "fused"
 
 
 def _grads(fn, leaves, dout):

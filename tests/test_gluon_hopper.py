@@ -21,7 +21,7 @@ import kernels.flash_fwd_hopper as fwd_hopper
 from kernels import flash_attn_func
 from kernels.dispatch import TESTED_TRITON, version
 from kernels.hopper import MAXNREG, MIN_CAUSAL_SEQLEN, shapes_in_scope
-from kernels.launch import override_gluon, override_tma_fwd
+from kernels.launch import override_gluon, override_tma_fwd, overriding
 from kernels.reference import attention_ref
 from test_kernels import check_against_oracle, make_qkv
 
@@ -71,9 +71,9 @@ def test_matches_oracle(D, causal, B, N, H, Hk, dtype, calls):
 def test_forward_launch_variants_at_head_dim_64(causal, B, N, H, Hk, launch, calls, monkeypatch):
     # the Gluon forward's other tile shapes and ring depths at head dim 64 (the launch variants test runs d128),
     # at lengths where the launcher keeps the Triton forward
-    monkeypatch.setattr(fwd_hopper, "MIN_SEQLEN", {64: 128, 128: 128})
     inputs = make_qkv(B, N, N, H, Hk, 64, torch.bfloat16, torch.device("cuda"))
-    with fwd_hopper.override_launch(*launch), override_tma_fwd(False):   # which takes d64 to 4K before it
+    with (fwd_hopper.override_launch(*launch), override_tma_fwd(False),   # which takes d64 to 4K before it
+          overriding(gluon_fwd_min_seqlen=((64, 128), (128, 128)))):    # the Gluon forward from 128 tokens
         check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True),
                              lambda q, k, v: attention_ref(q, k, v, causal=causal), inputs)
     assert calls == {"fwd": 1, "dkdv": 1}
@@ -97,9 +97,8 @@ def fused_calls(monkeypatch):
 @pytest.mark.parametrize("B,N,H,Hk,dtype", [(2, 2048, 2, 2, torch.bfloat16), (1, 2176, 4, 2, torch.bfloat16),
                                             (1, 2048, 3, 1, torch.float16)], ids=["B2", "gqa-bf16", "mqa-fp16"])
 def test_fused_dq_matches_oracle(D, causal, B, N, H, Hk, dtype, calls, monkeypatch):
-    # deterministic=False: dQ accumulated inside the backward kernel by TMA reduce-add, no dQ pass (at every
-    # head dim here, also those where the launcher prefers the deterministic split for speed)
-    monkeypatch.setattr(bwd_hopper, "FUSED_DQ_HEAD_DIMS", (64, 128))
+    # deterministic=False: dQ accumulated inside the backward kernel by TMA reduce-add, no dQ pass (the launcher
+    # fuses it at both head dims: kernels/policy.py FUSED_DQ_HEAD_DIMS)
     fused = fused_calls(monkeypatch)
     inputs = make_qkv(B, N, N, H, Hk, D, dtype, torch.device("cuda"))
     check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, return_lse=True,
@@ -120,8 +119,7 @@ def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls, monkeypat
                              lambda q, k, v: attention_ref(q, k, v, causal=True), list(qkv.unbind(2)))
         assert calls == {"fwd": 1, "dkdv": 1}
         dout = torch.randn(2, 2048, 4, 128, device="cuda", dtype=torch.bfloat16)
-        monkeypatch.setattr(bwd_hopper, "FUSED_DQ_HEAD_DIMS", (128,))   # the fused backward at this head dim too
-        fused = fused_calls(monkeypatch)
+        fused = fused_calls(monkeypatch)   # the fused backward at this head dim (policy.FUSED_DQ_HEAD_DIMS)
         results = []
         for passes, deterministic in ((("fwd", "dkdv"), True), (("fwd", "dkdv"), False), ((), True)):
             packed = qkv.clone().requires_grad_()

@@ -770,13 +770,13 @@ def test_bench_repeats_table_and_variant_providers():
     import kernels.launch as launch
     _, fn = variant("ours_tma+fwd=64,64,4,2", True)
     with fn.context():
-        assert launch._tma_fwd[0] is True
+        assert launch.active().tma_fwd is True
         assert launch.get_config("fwd", 64, torch.float16, torch.device("cuda"), True) == KernelConfig(64, 64, 4, 2)
-    assert launch._tma_fwd[0] is None
+    assert launch.active().tma_fwd is None
     _, fn = variant("ours+wsf=64,4", True)
     with fn.context():
-        assert launch._tma_fwd[0] is False
-    assert launch._tma_fwd[0] is None
+        assert launch.active().tma_fwd is False
+    assert launch.active().tma_fwd is None
     providers = make_providers(True, 64, False)
     assert callable(providers["ours_tma"][1].context) and callable(providers["ours_notma"][1].context)
     with pytest.raises(ValueError, match="expected"):
