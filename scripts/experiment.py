@@ -9,6 +9,7 @@ the environment, the corpus) from that file alone.
     python scripts/experiment.py e3_context --smoke  # the CPU-sized variant, configs/experiment/e3_context_smoke.yaml
     python scripts/experiment.py e3_context --report-only   # report.md and plots again from its results.json
     python scripts/experiment.py e2_passkey train.max_steps=500 runner.contexts=[1024,4096]
+    python scripts/experiment.py e3_context --resume outputs/experiments/e3_context/<date_time>   # after a crash
 
 Each experiment is configs/experiment/<name>.yaml: the runs' settings as usual, plus a `runner:`
 block read only here (contexts, seeds, evaluation grid, ...). Other words are Hydra overrides applied
@@ -16,7 +17,9 @@ to every run. Training metrics go where train() puts them (metrics.jsonl, wandb)
 outputs/experiments/<name>/<date_time>/<run>/; every number a report shows is in its results.json, so
 --report-only rebuilds the same report.md without training (a hand-written reading.md beside it is
 placed under the summary). Smoke variants report under outputs/reports/ (ignored by git), never over
-the committed reports/. Paths in reports are relative to the repository. E3 and E4 score every model
+the committed reports/. A finished run leaves its row in <run>/run.json: --resume DIR continues an
+interrupted invocation, taking those runs as they are and resuming the unfinished one from its newest
+checkpoint. Paths in reports are relative to the repository. E3 and E4 score every model
 on the same target tokens (training/eval_tokens.py). E1 trains no runs: it is scripts/bench_context.py's
 sweep, its points logged the same way.
 """
@@ -54,7 +57,7 @@ from data.tasks import PasskeyTask, passkey_scores  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from scripts import bench_context  # noqa: E402
 from train import train  # noqa: E402
-from training.checkpoint import load_checkpoint  # noqa: E402
+from training.checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint  # noqa: E402
 from training.device import autocast, resolve_device  # noqa: E402
 from training.eval_tokens import cut_pieces, position_bins, score, select_pieces  # noqa: E402
 from training.validate import ConfigError, config_error, validate  # noqa: E402
@@ -62,6 +65,8 @@ from training.validate import ConfigError, config_error, validate  # noqa: E402
 # The results.json layout this script writes and --report-only reads; older files lack what the
 # reports now show (the corpus, the identical-token evaluation).
 FORMAT = 2
+# each finished run's row of the report, beside its checkpoints: what --resume takes instead of training it again
+RUN_RECORD = "run.json"
 # train.* keys left out of results.json: paths of this machine
 PATH_KEYS = ("ckpt_dir", "resume", "init_from")
 
@@ -73,9 +78,13 @@ class RunFailed(Exception):
 class Experiment:
     """One experiment: composes each run's config, trains it, evaluates checkpoints, collects results."""
 
-    def __init__(self, name: str, overrides: list[str], outputs: Path, reports: Path, command: str):
+    def __init__(self, name: str, overrides: list[str], outputs: Path, reports: Path, command: str,
+                 resume: Path | None = None):
         self.name, self.overrides, self.command = name, overrides, command
-        self.out_root = outputs / name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        # resume: an earlier invocation's runs directory; its finished runs are taken as they are (RUN_RECORD),
+        # an interrupted one continues from its newest checkpoint (train.resume=latest)
+        self.resume = resume
+        self.out_root = resume or outputs / name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         self.report_dir = reports / name
         self.cfg = self.compose(path_override("out_dir", self.out_root))  # as configured, before each run's settings
         validate(self.cfg)  # a mistake stops us here, not after the first run
@@ -130,7 +139,19 @@ class Experiment:
     def train(self, label: str, *overrides: str) -> dict:
         """train() one run into <out_root>/<label>; its summary plus what the report's run table shows,
         paths relative to the repository (self.path() turns them back)."""
-        overrides = (path_override("out_dir", self.out_root / label), f"logger.name={label}", *overrides)
+        record = self.out_root / label / RUN_RECORD
+        if self.resume and record.is_file():   # finished before: its row as it was, if its checkpoint is whole
+            run = json.loads(record.read_text())
+            try:
+                check_checkpoint_file(self.path(run["checkpoint"]))
+            except CheckpointError as e:
+                print(f"experiment.py: {label} finished before, but {e}: resumed from what is left")
+            else:
+                print(f"experiment.py: {label} finished before (--resume): not trained again")
+                self.runs.append(run)
+                return run
+        resumed = ("train.resume=latest",) if self.resume else ()
+        overrides = (path_override("out_dir", self.out_root / label), f"logger.name={label}", *overrides, *resumed)
         cfg = self.compose(*overrides)
         self.data, self.corpus  # noqa: B018 - prepared before the clock starts (a failing corpus: before any run)
         start = time.perf_counter()
@@ -147,6 +168,11 @@ class Experiment:
                "wall_clock_s": seconds, "tokens_per_s": statistics.median(speeds), "loss": summary["loss"],
                "val_ppl": summary["val_ppl"], "out_dir": relative(cfg.out_dir),
                "checkpoint": relative(summary["checkpoint"]), "overrides": [shown(o) for o in overrides]}
+        if resumed:   # its wall-clock is the part trained by this invocation
+            run["resumed"] = True
+        tmp = record.with_suffix(".tmp")   # written whole or not at all: a resume trusts what it finds
+        tmp.write_text(json.dumps(run, indent=1))
+        os.replace(tmp, record)
         self.runs.append(run)
         return run
 
@@ -725,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
                              "outputs/reports/ for --smoke, so a CPU run never replaces a committed report)")
     parser.add_argument("--outputs", type=Path, default=ROOT / "outputs" / "experiments",
                         help="runs go to OUTPUTS/<name>/<date_time>/<run>/")
+    parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                        help="continue an interrupted invocation in its runs directory OUTPUTS/<name>/<date_time>: "
+                             "its finished runs are reused, an unfinished one resumes from its last checkpoint")
     args = parser.parse_intermixed_args(argv)
     base = args.name.removesuffix("_smoke")
     if base not in EXPERIMENTS:
@@ -742,7 +771,13 @@ def main(argv: list[str] | None = None) -> int:
                                   "the results are rendered as they are")
             report = report_only(reports / name / "results.json")
         else:
-            x = Experiment(name, args.overrides, args.outputs.resolve(), reports, command)
+            resume = None
+            if args.resume is not None:
+                resume = args.resume.resolve()
+                if not resume.is_dir():
+                    raise ConfigError("--resume", f"{args.resume} is not a directory",
+                                      f"give the runs directory of an earlier invocation, outputs/experiments/{name}/<date_time>")
+            x = Experiment(name, args.overrides, args.outputs.resolve(), reports, command, resume)
             EXPERIMENTS[base](x)
             report = x.finish()
     except (ConfigError, HydraException) as e:  # a user's mistake: one line, no traceback

@@ -183,6 +183,46 @@ def test_e3_context_smoke(tmp_path, cache_dir):
     assert (report_dir / "loss_by_position.png").exists()
 
 
+class Killed(BaseException):
+    """What a kill looks like to the experiment: no Exception handler of its own catches it."""
+
+
+@pytest.mark.slow
+def test_resume_reuses_finished_runs(tmp_path, cache_dir, monkeypatch, capsys):
+    """An invocation killed in its third run, continued with --resume: the two finished runs are taken from
+    their records and checkpoints (not trained again), the third resumes (train.resume=latest), and the report
+    is the one of a run without the interruption, but for the wall-clocks."""
+    real, calls, killed = experiment.train, [], []
+
+    def dies_in_run_3(cfg):
+        calls.append(cfg)
+        if len(calls) == 3 and not killed:
+            killed.append(cfg)
+            raise Killed   # a kill: nothing of the experiment's own handling runs
+        return real(cfg)
+    monkeypatch.setattr(experiment, "train", dies_in_run_3)
+    args = ["e3_context", "--smoke", "--reports", str(tmp_path / "reports"), "--outputs", str(tmp_path / "outputs"),
+            f"cache_dir={cache_dir}"]
+    with pytest.raises(Killed):
+        experiment.main(args)
+    [runs_dir] = (tmp_path / "outputs" / "e3_context_smoke").iterdir()
+    first = [json.loads((runs_dir / label / experiment.RUN_RECORD).read_text()) for label in
+             ("ctx64_seed0", "ctx64_seed1")]
+    assert not (runs_dir / "ctx128_seed0" / experiment.RUN_RECORD).exists()
+    calls.clear()
+    assert experiment.main([*args, "--resume", str(runs_dir)]) == 0
+    assert len(calls) == 4 and all(cfg.train.resume == "latest" for cfg in calls)   # runs 3-6 only
+    assert "ctx64_seed0 finished before (--resume): not trained again" in capsys.readouterr().out
+    results = json.loads((tmp_path / "reports" / "e3_context_smoke" / "results.json").read_text())
+    assert results["runs"][:2] == first and [r["run"] for r in results["runs"]] == \
+        [f"ctx{c}_seed{s}" for c in (64, 128, 256) for s in (0, 1)]
+    assert all(r.get("resumed") for r in results["runs"][2:])
+    check_identical_tokens(results, [s for by_seed in results["scores"].values() for s in by_seed.values()])
+    # a runs directory that does not exist: one line naming --resume
+    assert experiment.main([*args, "--resume", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("config error: --resume: ")
+
+
 @pytest.mark.slow
 def test_e4_extend_smoke(tmp_path, cache_dir):
     report_dir, results = run_smoke("e4_extend", tmp_path, cache_dir)
