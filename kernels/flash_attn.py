@@ -95,11 +95,11 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and INTERPRET)
 
 
-def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-               window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse):
-    """flash_attn_func (cu_seqlens_q None) and flash_attn_varlen_func: checks, then the kernels or the CPU path."""
+def _checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, softcap,
+             alibi_slopes):
+    """The checks a forward and a backward call share -> (scale, softcap, max_seqlen_q, max_seqlen_k), the max_seqlens
+    the launch uses (validate.check_cu_seqlens: the longest document; the batch's lengths otherwise)."""
     varlen = cu_seqlens_q is not None
-    check_dropout(dropout_p)
     check_qkv(q, k, v, varlen=varlen)
     scale = check_options(q.shape[-1], softmax_scale, window_size)
     softcap = check_softcap(softcap)
@@ -109,6 +109,16 @@ def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, q, cu_seqlens_q.numel() - 1 if varlen else q.shape[0], q.shape[-2])
+    return scale, softcap, max_seqlen_q, max_seqlen_k
+
+
+def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+               window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse):
+    """flash_attn_func (cu_seqlens_q None) and flash_attn_varlen_func: checks, then the kernels or the CPU path."""
+    check_dropout(dropout_p)
+    scale, softcap, max_seqlen_q, max_seqlen_k = _checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                          max_seqlen_k, softmax_scale, window_size, softcap,
+                                                          alibi_slopes)
     left, right = normalize_window(causal, window_size)
     if _use_triton(q):
         mods = () if softcap == 0.0 and alibi_slopes is None else (softcap, alibi_slopes)
@@ -222,16 +232,9 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=Fals
     (selective activation checkpointing, training/memory.py). Triton path only: CUDA tensors, or CPU
     under TRITON_INTERPRET=1.
     """
-    varlen = cu_seqlens_q is not None
-    check_qkv(q, k, v, varlen=varlen)
-    scale = check_options(q.shape[-1], softmax_scale, window_size)
-    softcap = check_softcap(softcap)
-    if varlen:
-        max_seqlen_q, max_seqlen_k = check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    else:
-        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
-    if alibi_slopes is not None:
-        check_alibi(alibi_slopes, q, cu_seqlens_q.numel() - 1 if varlen else q.shape[0], q.shape[-2])
+    scale, softcap, max_seqlen_q, max_seqlen_k = _checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                          max_seqlen_k, softmax_scale, window_size, softcap,
+                                                          alibi_slopes)
     if not _use_triton(q):
         raise ValueError("flash_attn_backward runs the Triton kernels: it needs CUDA tensors, or CPU tensors "
                          "with TRITON_INTERPRET=1")
