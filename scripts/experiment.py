@@ -57,7 +57,8 @@ from data.tasks import PasskeyTask, passkey_scores  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from scripts import bench_context  # noqa: E402
 from train import train  # noqa: E402
-from training.checkpoint import CheckpointError, check_checkpoint_file, load_checkpoint  # noqa: E402
+from training.checkpoint import (CheckpointError, check_checkpoint_file, find_latest,  # noqa: E402
+                                 load_checkpoint)
 from training.device import autocast, resolve_device  # noqa: E402
 from training.eval_tokens import cut_pieces, position_bins, score, select_pieces  # noqa: E402
 from training.validate import ConfigError, config_error, validate  # noqa: E402
@@ -140,12 +141,12 @@ class Experiment:
         """train() one run into <out_root>/<label>; its summary plus what the report's run table shows,
         paths relative to the repository (self.path() turns them back)."""
         record = self.out_root / label / RUN_RECORD
-        if self.resume and record.is_file():   # finished before: its row as it was, if its checkpoint is whole
-            run = json.loads(record.read_text())
+        if self.resume and record.is_file():   # finished before: its row as it was, if it and its checkpoint are whole
             try:
+                run = json.loads(record.read_text())
                 check_checkpoint_file(self.path(run["checkpoint"]))
-            except CheckpointError as e:
-                print(f"experiment.py: {label} finished before, but {e}: resumed from what is left")
+            except (ValueError, KeyError, CheckpointError) as e:   # then train.resume=latest decides below
+                print(f"experiment.py: {label}: {record.name} or its checkpoint is unusable ({e}): resumed instead")
             else:
                 print(f"experiment.py: {label} finished before (--resume): not trained again")
                 self.runs.append(run)
@@ -161,7 +162,12 @@ class Experiment:
             raise RunFailed(f"run {label} ended with status {summary['status']!r} at step {summary['step']} "
                             f"(seq_len {cfg.data.seq_len}, batch {cfg.data.batch_size}); see {cfg.out_dir}")
         # the median over log intervals: the first includes start-up, evaluations are excluded by train()
-        speeds = [m["tokens_per_s"] for m in read_jsonl(Path(cfg.out_dir) / "metrics.jsonl") if "tokens_per_s" in m]
+        metrics = read_jsonl(Path(cfg.out_dir) / "metrics.jsonl")   # every invocation's lines (a resume appends)
+        speeds = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
+        if resumed:   # resumed at its last step, train() ran no step: the loss and checkpoint are the earlier ones
+            for key in ("loss", "val_ppl"):
+                summary.setdefault(key, next((m[key] for m in reversed(metrics) if key in m), None))
+            summary["checkpoint"] = summary["checkpoint"] or str(find_latest(Path(cfg.train.ckpt_dir)))
         run = {"run": label, "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size, "seed": cfg.train.seed,
                "steps": summary["step"],
                "tokens": summary["step"] * cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum,
@@ -776,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
                 resume = args.resume.resolve()
                 if not resume.is_dir():
                     raise ConfigError("--resume", f"{args.resume} is not a directory",
-                                      f"give the runs directory of an earlier invocation, outputs/experiments/{name}/<date_time>")
+                                      "give the runs directory of an earlier invocation, "
+                                      f"outputs/experiments/{name}/<date_time>")
             x = Experiment(name, args.overrides, args.outputs.resolve(), reports, command, resume)
             EXPERIMENTS[base](x)
             report = x.finish()

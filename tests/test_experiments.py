@@ -217,6 +217,14 @@ def test_resume_reuses_finished_runs(tmp_path, cache_dir, monkeypatch, capsys):
     assert results["runs"][:2] == first and [r["run"] for r in results["runs"]] == \
         [f"ctx{c}_seed{s}" for c in (64, 128, 256) for s in (0, 1)]
     assert all(r.get("resumed") for r in results["runs"][2:])
+    # a damaged record is not trusted: that run goes through train.resume=latest (its final checkpoint), once
+    (runs_dir / "ctx64_seed1" / experiment.RUN_RECORD).write_text('{"run": "ctx64_se')
+    calls.clear()
+    assert experiment.main([*args, "--resume", str(runs_dir)]) == 0
+    assert [cfg.out_dir.rsplit("/", 1)[-1] for cfg in calls] == ["ctx64_seed1"]
+    assert "ctx64_seed1: run.json or its checkpoint is unusable" in capsys.readouterr().out
+    rerun = json.loads((runs_dir / "ctx64_seed1" / experiment.RUN_RECORD).read_text())
+    assert rerun["resumed"] and rerun["steps"] == first[1]["steps"] and rerun["checkpoint"] == first[1]["checkpoint"]
     check_identical_tokens(results, [s for by_seed in results["scores"].values() for s in by_seed.values()])
     # a runs directory that does not exist: one line naming --resume
     assert experiment.main([*args, "--resume", str(tmp_path / "nowhere")]) == 2
