@@ -59,6 +59,7 @@ class DataConfig:
     doc_masking: bool
     passkey_mix: float
     passkey_lengths: str
+    sample_span: int | None
     seed: int
 
     @classmethod
@@ -107,6 +108,11 @@ class DataConfig:
         _check(v["passkey_lengths"] != "mixed" or v["doc_masking"], "passkey_lengths",
                "mixed packs several prompts into a row, which needs data.doc_masking=true (otherwise a "
                "question also sees the other prompts' keys)")
+        span = v["sample_span"]
+        _check(span is None or (_is_int(span) and span >= 1 and span % v["seq_len"] == 0
+                                and (v["batch_size"] * v["seq_len"]) % span == 0), "sample_span",
+               f"must be null or a multiple of data.seq_len ({v['seq_len']}) that divides data.batch_size x "
+               f"data.seq_len ({v['batch_size'] * v['seq_len']}), got {span!r}")
 
         if v["source"] == "files":
             _check(len(v["paths"]) > 0, "paths", "source=files needs at least one path")
@@ -189,7 +195,8 @@ class DataBundle:
         mix = self.config.passkey_mix if split == "train" else 0.0
         return BatchLoader(getattr(self, split), batch_size, seq_len, seed, doc_masking=doc_masking,
                            passkey=PasskeyTask(self.tokenizer) if mix > 0 else None, passkey_mix=mix,
-                           passkey_lengths=self.config.passkey_lengths, bucket_boundaries=bucket_boundaries)
+                           passkey_lengths=self.config.passkey_lengths, bucket_boundaries=bucket_boundaries,
+                           sample_span=self.config.sample_span if split == "train" else None)
 
 
 def load_corpus(config: DataConfig, cache_dir: Path) -> datasets.Dataset:

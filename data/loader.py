@@ -37,6 +37,11 @@ class BatchLoader:
     take a few shapes instead of one per segment count: a model compiled with CUDA graphs records a graph per
     input shape.
 
+    Spans: with `sample_span` N, the batch's offsets are drawn for B*T / N spans of N tokens instead of B rows,
+    and each span gives N / T consecutive rows: the same text a batch at context N would hold, cut into rows
+    of T (as many places in the corpus per step as that batch has). N = T (or None) is the plain sampling,
+    batch for batch.
+
     Passkey mix-in: with `passkey` given, each batch is independently, with probability `passkey_mix`,
     a batch of passkey-retrieval samples of length T + 1 (random key and depth per row) instead of
     corpus windows: single-segment rows whose targets are -100 except on the answer tokens, so the loss
@@ -56,7 +61,7 @@ class BatchLoader:
 
     def __init__(self, packed: PackedTokens, batch_size: int, seq_len: int, seed: int, doc_masking: bool = True,
                  passkey: PasskeyTask | None = None, passkey_mix: float = 0.0, passkey_lengths: str = "full",
-                 bucket_boundaries: bool = False):
+                 bucket_boundaries: bool = False, sample_span: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seq_len < 1 or len(packed) < seq_len + 1:
@@ -71,7 +76,12 @@ class BatchLoader:
         if passkey_lengths not in PASSKEY_LENGTHS or (passkey_lengths == "mixed" and not doc_masking):
             raise ValueError(f"passkey_lengths={passkey_lengths!r}: must be one of {PASSKEY_LENGTHS}; "
                              "mixed needs doc_masking")
+        if sample_span is not None and (sample_span < seq_len or sample_span % seq_len
+                                        or (batch_size * seq_len) % sample_span or len(packed) < sample_span + 1):
+            raise ValueError(f"sample_span={sample_span}: must be a multiple of seq_len={seq_len} that divides "
+                             f"batch_size x seq_len = {batch_size * seq_len} and is shorter than the split")
         self.packed = packed
+        self.sample_span = sample_span or seq_len
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.seed = seed
@@ -109,7 +119,9 @@ class BatchLoader:
         rng = np.random.default_rng([self.seed, step])
         if self.passkey_mix > 0 and rng.random() < self.passkey_mix:
             return self._passkey_batch(rng)
-        offsets = rng.integers(0, len(self.packed) - T, size=B)
+        span = self.sample_span   # T unless spans are asked for: then B offsets exactly as without them
+        offsets = rng.integers(0, len(self.packed) - span, size=B * T // span)
+        offsets = (offsets[:, None] + np.arange(0, span, T)).reshape(-1)   # (B,): span // T rows from each
         window = np.stack([self.packed.tokens[o:o + T + 1] for o in offsets]).astype(np.int64)  # (B, T+1)
         input_ids, targets = window[:, :-1], window[:, 1:].copy()  # the two overlap in `window`
 

@@ -349,13 +349,26 @@ def e3_context(x: Experiment) -> None:
         raise ConfigError("runner.eval_length", f"{length} is shorter than the longest context {max(contexts)}",
                           "pieces that short would not let that model use its context; use null")
     seeds = x.seeds()
+    # the controls: a context trained on the longest context's batches cut into its own rows (data.sample_span):
+    # the same places in the corpus per step as the longest model, so batch diversity and context length part
+    span, controls = max(contexts), list(r.get("span_controls") or [])
+    for c in controls:
+        if not (isinstance(c, int) and 0 < c < span and span % c == 0):
+            raise ConfigError("runner.span_controls", f"{c!r} is not a context that divides the longest one ({span})",
+                              "e.g. [1024], or [] for none")
     x.eval_pieces(length)  # checked and cut before the first run
-    scores = {}
+    scores, control_scores = {}, {}
     for seq_len in contexts:
         for seed in seeds:
             run = x.train(f"ctx{seq_len}_seed{seed}", *x.context(seq_len), f"train.seed={seed}")
             scores.setdefault(seq_len, {})[seed] = x.score(x.load(run["checkpoint"]), seq_len, length)
+    for seq_len in controls:
+        for seed in seeds:
+            run = x.train(f"ctx{seq_len}_span{span}_seed{seed}", *x.context(seq_len), f"data.sample_span={span}",
+                          f"train.seed={seed}")
+            control_scores.setdefault(seq_len, {})[seed] = x.score(x.load(run["checkpoint"]), seq_len, length)
     x.results["scores"] = scores
+    x.results["span_controls"] = {"span": span, "scores": control_scores}
 
 
 def e4_extend(x: Experiment) -> None:
@@ -518,22 +531,39 @@ def report_e2(res: dict, out: Path) -> tuple[str, str, list[str]]:
 def report_e3(res: dict, out: Path) -> tuple[str, str, list[str]]:
     r, ev, scores = res["runner"], res["eval"], res["scores"]
     contexts, seeds, edges = list(scores), r["seeds"], ev["edges"]
-    runs = {(run["seq_len"], run["seed"]): run for run in res["runs"]}
-    sections = [identical_note(ev, [s for c in contexts for s in scores[c].values()]),
+    runs = {run["run"]: run for run in res["runs"]}
+    ctl = res.get("span_controls") or {"span": None, "scores": {}}
+    # (row label, column label, run label prefix, scores by seed): the contexts, then the span controls
+    models = [(human(int(c)), f"ctx {human(int(c))}", f"ctx{c}", scores[c]) for c in contexts]
+    models += [(f"{human(int(c))}, rows of {human(ctl['span'])} spans", f"ctx {human(int(c))} ({human(ctl['span'])} "
+                "spans)", f"ctx{c}_span{ctl['span']}", s) for c, s in ctl["scores"].items()]
+    every = [s for *_, by_seed in models for s in by_seed.values()]
+    sections = [identical_note(ev, every),
                 f"Val loss on those tokens, each model in windows of its own context{seed_note(seeds)}:\n\n" + table(
                     ["context", "batch", "val loss (nats/token)", "val ppl", "wall-clock (s)", "tokens/s (median)"],
-                    [[human(int(c)), runs[(int(c), seeds[0])]["batch_size"],
-                      spread([s["loss"] for s in scores[c].values()]),
-                      spread([float(np.exp(s["loss"])) for s in scores[c].values()]),
-                      spread([runs[(int(c), seed)]["wall_clock_s"] for seed in seeds]),
-                      spread([runs[(int(c), seed)]["tokens_per_s"] for seed in seeds])] for c in contexts]),
+                    [[row, runs[f"{prefix}_seed{seeds[0]}"]["batch_size"],
+                      spread([s["loss"] for s in by_seed.values()]),
+                      spread([float(np.exp(s["loss"])) for s in by_seed.values()]),
+                      spread([runs[f"{prefix}_seed{seed}"]["wall_clock_s"] for seed in seeds]),
+                      spread([runs[f"{prefix}_seed{seed}"]["tokens_per_s"] for seed in seeds])]
+                     for row, _, prefix, by_seed in models]),
                 "Val loss by position in the piece (p tokens before the target: the most context any model could "
                 f"use; bin lo-hi holds lo <= p < hi, the last also p = hi){seed_note(seeds)}:\n\n"
-                + position_table(edges, {f"ctx {human(int(c))}": list(scores[c].values()) for c in contexts})]
+                + position_table(edges, {col: list(by_seed.values()) for _, col, _, by_seed in models})]
+    if ctl["scores"]:
+        sections.append(f"The span control (`runner.span_controls`): a model at the shorter context trained on the "
+                        f"{human(ctl['span'])} model's kind of batch, {human(ctl['span'])}-token spans cut into its "
+                        "own rows (`data.sample_span`), so each step reads as few places in the corpus as the "
+                        f"{human(ctl['span'])} model's. If it scores like its plain twin, the number of places per step "
+                        f"does not matter; if it lags like the {human(ctl['span'])} model, the few places per step, "
+                        "not the context, hold that model back.")
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for c, color in zip(contexts, plt.cm.viridis(np.linspace(0, 0.85, len(contexts)))):
         plot_by_position(ax, edges, list(scores[c].values()), f"trained at {human(int(c))}", color)
         ax.axvline(int(c), color=color, linestyle=":", linewidth=1)
+    for c, by_seed in ctl["scores"].items():
+        plot_by_position(ax, edges, list(by_seed.values()), f"trained at {human(int(c))}, rows of "
+                         f"{human(ctl['span'])} spans", "tab:red")
     ax.set_xlabel("position in the piece (tokens of context available)")
     ax.set_title(f"val loss by position, the same {ev['tokens']:,} target tokens for every model (dotted: context)",
                  fontsize=9)

@@ -296,6 +296,35 @@ def test_loader_resume_is_exact(built):
     assert not torch.equal(other_seed["input_ids"], next(bundle.loader("train", 2, 128, seed=7))["input_ids"])
 
 
+def test_sample_span_cuts_spans_into_rows(built):
+    """data.sample_span: rows come in runs of span / T consecutive windows of one span, the batch otherwise a
+    plain one (documents, targets, positions checked as for any batch); span = T is the plain sampling."""
+    bundle, _, _ = built
+    B, T, span = 8, 64, 256
+    spans = dataclasses.replace(bundle, config=dataclasses.replace(bundle.config, sample_span=span))
+    loader = spans.loader("train", batch_size=B, seq_len=T, seed=3)
+    tokens = np.asarray(bundle.train.tokens).astype(np.int64)
+    places = set()
+    for _ in range(4):
+        batch = next(loader)
+        check_batch(batch, bundle.eot_id, B, T)
+        x = batch["input_ids"].view(B // (span // T), span).numpy()   # each group of 4 rows: one run of text
+        for g in x:
+            candidates = np.flatnonzero(tokens[:len(tokens) - span] == g[0])
+            at = [int(i) for i in candidates if np.array_equal(tokens[i:i + span], g)]
+            assert at, "a group of rows is not one contiguous span of the corpus"
+            places.add(at[0])
+    assert len(places) > 1
+    assert next(spans.loader("val", batch_size=B, seq_len=T, seed=3))["input_ids"].shape == (B, T)  # val: plain
+    same = dataclasses.replace(bundle, config=dataclasses.replace(bundle.config, sample_span=T))
+    plain, one = bundle.loader("train", B, T, seed=5), same.loader("train", B, T, seed=5)
+    for _ in range(3):
+        a, b = next(plain), next(one)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="sample_span"):
+        data.BatchLoader(bundle.train, batch_size=2, seq_len=64, seed=0, sample_span=96)
+
+
 def test_loader_rejects_too_long_windows(built):
     bundle, _, _ = built
     with pytest.raises(ValueError, match="seq_len"):
@@ -501,6 +530,8 @@ def test_mqar_batch_and_accuracy():
     ("stdlib", ["passkey_lengths=long"], "data.passkey_lengths"),
     ("stdlib", ["passkey_lengths=mixed", "doc_masking=false"], "data.passkey_lengths"),
     ("stdlib", ["doc_masking=maybe"], "data.doc_masking"),
+    ("stdlib", ["sample_span=100"], "data.sample_span"),           # not a multiple of seq_len
+    ("stdlib", ["sample_span=1000000000"], "data.sample_span"),    # more than a batch holds
     ("stdlib", ["tokenizer_path=/nonexistent/tokenizer.json"], "data.tokenizer_path"),
     ("stdlib", ["+colour=blue"], "data.colour"),
     ("site", ["include_tests=maybe"], "data.include_tests"),

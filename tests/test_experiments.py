@@ -170,16 +170,22 @@ def test_e3_context_smoke(tmp_path, cache_dir):
     """Two seeds per context at the same tokens per step; all six models scored on identical val tokens."""
     report_dir, results = run_smoke("e3_context", tmp_path, cache_dir)
     runs = results["runs"]
-    assert [(run["seq_len"], run["seed"]) for run in runs] == [(c, s) for c in (64, 128, 256) for s in (0, 1)]
+    assert [run["run"] for run in runs] == [f"ctx{c}_seed{s}" for c in (64, 128, 256) for s in (0, 1)] + \
+        ["ctx64_span256_seed0", "ctx64_span256_seed1"]
     assert {run["seq_len"] * run["batch_size"] for run in runs} == {512}   # batch shrinks as context grows
     assert len({run["tokens"] for run in runs}) == 1
-    scores = results["scores"]
+    assert "data.sample_span=256" in runs[-1]["overrides"] and "data.seq_len=64" in runs[-1]["overrides"]
+    scores, controls = results["scores"], results["span_controls"]
     assert list(scores) == ["64", "128", "256"] and all(list(by_seed) == ["0", "1"] for by_seed in scores.values())
     assert scores["64"]["0"]["loss"] != scores["64"]["1"]["loss"]          # the seeds trained different models
-    check_identical_tokens(results, [s for by_seed in scores.values() for s in by_seed.values()])
+    assert controls["span"] == 256 and list(controls["scores"]) == ["64"]
+    assert controls["scores"]["64"]["0"]["loss"] != scores["64"]["0"]["loss"]   # other batches, another model
+    check_identical_tokens(results, [s for by_seed in [*scores.values(), *controls["scores"].values()]
+                                     for s in by_seed.values()])
     assert results["eval"]["length"] == 256 and results["eval"]["tokens"] == 2048   # runner.eval_tokens
     report = (report_dir / "report.md").read_text()
-    assert "all 6 evaluations scored these same tokens" in report and " ± " in report   # mean ± sd over seeds
+    assert "all 8 evaluations scored these same tokens" in report and " ± " in report   # mean ± sd over seeds
+    assert "| 64, rows of 256 spans |" in report and "ctx 64 (256 spans)" in report
     assert (report_dir / "loss_by_position.png").exists()
 
 
@@ -211,11 +217,11 @@ def test_resume_reuses_finished_runs(tmp_path, cache_dir, monkeypatch, capsys):
     assert not (runs_dir / "ctx128_seed0" / experiment.RUN_RECORD).exists()
     calls.clear()
     assert experiment.main([*args, "--resume", str(runs_dir)]) == 0
-    assert len(calls) == 4 and all(cfg.train.resume == "latest" for cfg in calls)   # runs 3-6 only
+    assert len(calls) == 6 and all(cfg.train.resume == "latest" for cfg in calls)   # runs 3-8 only
     assert "ctx64_seed0 finished before (--resume): not trained again" in capsys.readouterr().out
     results = json.loads((tmp_path / "reports" / "e3_context_smoke" / "results.json").read_text())
     assert results["runs"][:2] == first and [r["run"] for r in results["runs"]] == \
-        [f"ctx{c}_seed{s}" for c in (64, 128, 256) for s in (0, 1)]
+        [f"ctx{c}_seed{s}" for c in (64, 128, 256) for s in (0, 1)] + ["ctx64_span256_seed0", "ctx64_span256_seed1"]
     assert all(r.get("resumed") for r in results["runs"][2:])
     # a damaged record is not trusted: that run goes through train.resume=latest (its final checkpoint), once
     (runs_dir / "ctx64_seed1" / experiment.RUN_RECORD).write_text('{"run": "ctx64_se')
@@ -274,6 +280,8 @@ def test_unknown_experiment_is_one_line(capsys):
     ("runner.eval_stride=2", "runner.eval_stride"),      # checked with the pieces, before the first run
     ("runner.eval_tokens=0", "runner.eval_tokens"),
     ("runner.eval_length=128", "runner.eval_length"),    # shorter than the longest context
+    ("runner.span_controls=[96]", "runner.span_controls"),  # does not divide the longest context
+    ("runner.span_controls=[256]", "runner.span_controls"),  # the longest context itself: no control
 ])
 def test_config_error_is_one_line(tmp_path, cache_dir, capsys, override, key):
     code = experiment.main(["e3_context_smoke", "--reports", str(tmp_path), "--outputs", str(tmp_path / "out"),
