@@ -17,9 +17,10 @@ to every run. Training metrics go where train() puts them (metrics.jsonl, wandb)
 outputs/experiments/<name>/<date_time>/<run>/; every number a report shows is in its results.json, so
 --report-only rebuilds the same report.md without training (a hand-written reading.md beside it is
 placed under the summary). Smoke variants report under outputs/reports/ (ignored by git), never over
-the committed reports/. A finished run leaves its row in <run>/run.json: --resume DIR continues an
-interrupted invocation, taking those runs as they are and resuming the unfinished one from its newest
-checkpoint. Paths in reports are relative to the repository. E3 and E4 score every model
+the committed reports/. A finished run leaves its row in <run>/run.json (E2 and E3: with its evaluation):
+--resume DIR continues an interrupted invocation, taking those runs as they are and resuming the unfinished
+one from its newest checkpoint. An E2 or E3 run whose record kept its evaluation needs no checkpoint, so the
+records alone, carried to another machine, let a later invocation add runs (a seed, runner.span_controls). Paths in reports are relative to the repository. E3 and E4 score every model
 on the same target tokens (training/eval_tokens.py). E1 trains no runs: it is scripts/bench_context.py's
 sweep, its points logged the same way.
 """
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -144,12 +146,15 @@ class Experiment:
         if self.resume and record.is_file():   # finished before: its row as it was, if it and its checkpoint are whole
             try:
                 run = json.loads(record.read_text())
-                check_checkpoint_file(self.path(run["checkpoint"]))
-            except (ValueError, KeyError, CheckpointError) as e:   # then train.resume=latest decides below
+                if not isinstance(run.get("score"), dict):   # scored before: the checkpoint is not needed again
+                    check_checkpoint_file(self.path(run["checkpoint"]))
+            except (ValueError, KeyError, AttributeError, CheckpointError) as e:   # then train.resume=latest decides
                 print(f"experiment.py: {label}: {record.name} or its checkpoint is unusable ({e}): resumed instead")
             else:
                 print(f"experiment.py: {label} finished before (--resume): not trained again")
-                self.runs.append(run)
+                if "parameters" in run:   # kept beside its evaluation: no model need be loaded for the report
+                    self.results.setdefault("parameters", run["parameters"])
+                self.runs.append({k: v for k, v in run.items() if k not in ("score", "parameters")})
                 return run
         resumed = ("train.resume=latest",) if self.resume else ()
         overrides = (path_override("out_dir", self.out_root / label), f"logger.name={label}", *overrides, *resumed)
@@ -176,11 +181,20 @@ class Experiment:
                "checkpoint": relative(summary["checkpoint"]), "overrides": [shown(o) for o in overrides]}
         if resumed:   # its wall-clock is the part trained by this invocation
             run["resumed"] = True
-        tmp = record.with_suffix(".tmp")   # written whole or not at all: a resume trusts what it finds
-        tmp.write_text(json.dumps(run, indent=1))
-        os.replace(tmp, record)
+        write_record(record, run)
         self.runs.append(run)
         return run
+
+    def scored(self, run: dict, evaluate: Callable[[], dict]) -> dict:
+        """The run's evaluation: the one its record kept (a run taken from an earlier invocation, whose checkpoint
+        may be gone: results carried to another machine), else evaluate() now, kept in its record for such a
+        resume. Only evaluations that need nothing else of the run (E2's and E3's) go through here."""
+        if isinstance(run.get("score"), dict):
+            return run["score"]
+        result = evaluate()
+        write_record(self.out_root / run["run"] / RUN_RECORD,
+                     run | {"score": result, "parameters": self.results["parameters"]})   # load() counted them
+        return result
 
     @staticmethod
     def path(relative_path: str) -> Path:
@@ -262,6 +276,13 @@ class Experiment:
         return write_report(json.loads(path.read_text()), self.report_dir)
 
 
+def write_record(record: Path, run: dict) -> None:
+    """A run's record, written whole or not at all: a resume trusts what it finds."""
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(run, indent=1))
+    os.replace(tmp, record)
+
+
 def corpus_record(corpus, bundle, config: DataConfig, longest: int = 5) -> dict:
     """What a report says about its corpus: source, corpus_fingerprint (equal on two machines exactly when
     the documents are), documents, characters, tokens per split at the vocab, and the `longest` documents
@@ -329,13 +350,16 @@ def e2_passkey(x: Experiment) -> None:
     for seq_len in contexts:
         for seed in seeds:
             run = x.train(f"ctx{seq_len}_seed{seed}", *x.context(seq_len), f"train.seed={seed}")
-            model = x.load(run["checkpoint"])
-            by_length = [x.passkey_scores(model, length, depths) for length in lengths]
-            # rows depths, columns lengths; answer tokens: per length, mean over depths
-            accuracy.setdefault(seq_len, {})[seed] = [[acc[d][0] for acc in by_length] for d in depths]
-            token_accuracy.setdefault(seq_len, {})[seed] = [float(np.mean([acc[d][1] for d in depths]))
-                                                            for acc in by_length]
-            del model
+
+            def evaluate(run=run) -> dict:
+                model = x.load(run["checkpoint"])
+                by_length = [x.passkey_scores(model, length, depths) for length in lengths]
+                # rows depths, columns lengths; answer tokens: per length, mean over depths
+                return {"accuracy": [[acc[d][0] for acc in by_length] for d in depths],
+                        "token_accuracy": [float(np.mean([acc[d][1] for d in depths])) for acc in by_length]}
+            got = x.scored(run, evaluate)
+            accuracy.setdefault(seq_len, {})[seed] = got["accuracy"]
+            token_accuracy.setdefault(seq_len, {})[seed] = got["token_accuracy"]
     x.results |= {"lengths": lengths, "depths": depths, "accuracy": accuracy, "token_accuracy": token_accuracy}
 
 
@@ -361,12 +385,14 @@ def e3_context(x: Experiment) -> None:
     for seq_len in contexts:
         for seed in seeds:
             run = x.train(f"ctx{seq_len}_seed{seed}", *x.context(seq_len), f"train.seed={seed}")
-            scores.setdefault(seq_len, {})[seed] = x.score(x.load(run["checkpoint"]), seq_len, length)
+            scores.setdefault(seq_len, {})[seed] = x.scored(
+                run, lambda run=run, seq_len=seq_len: x.score(x.load(run["checkpoint"]), seq_len, length))
     for seq_len in controls:
         for seed in seeds:
             run = x.train(f"ctx{seq_len}_span{span}_seed{seed}", *x.context(seq_len), f"data.sample_span={span}",
                           f"train.seed={seed}")
-            control_scores.setdefault(seq_len, {})[seed] = x.score(x.load(run["checkpoint"]), seq_len, length)
+            control_scores.setdefault(seq_len, {})[seed] = x.scored(
+                run, lambda run=run, seq_len=seq_len: x.score(x.load(run["checkpoint"]), seq_len, length))
     x.results["scores"] = scores
     x.results["span_controls"] = {"span": span, "scores": control_scores}
 

@@ -215,6 +215,8 @@ def test_resume_reuses_finished_runs(tmp_path, cache_dir, monkeypatch, capsys):
     first = [json.loads((runs_dir / label / experiment.RUN_RECORD).read_text()) for label in
              ("ctx64_seed0", "ctx64_seed1")]
     assert not (runs_dir / "ctx128_seed0" / experiment.RUN_RECORD).exists()
+    assert all(set(run["score"]) >= {"loss", "digest"} for run in first)   # each record kept its evaluation
+    first = [{k: v for k, v in run.items() if k not in ("score", "parameters")} for run in first]
     calls.clear()
     assert experiment.main([*args, "--resume", str(runs_dir)]) == 0
     assert len(calls) == 6 and all(cfg.train.resume == "latest" for cfg in calls)   # runs 3-8 only
@@ -232,6 +234,17 @@ def test_resume_reuses_finished_runs(tmp_path, cache_dir, monkeypatch, capsys):
     rerun = json.loads((runs_dir / "ctx64_seed1" / experiment.RUN_RECORD).read_text())
     assert rerun["resumed"] and rerun["steps"] == first[1]["steps"] and rerun["checkpoint"] == first[1]["checkpoint"]
     check_identical_tokens(results, [s for by_seed in results["scores"].values() for s in by_seed.values()])
+    # records alone (checkpoints gone, as when a runs directory's records are carried to another machine): each
+    # record kept its evaluation, so nothing is trained or scored again and the report's numbers are the same
+    results = json.loads((tmp_path / "reports" / "e3_context_smoke" / "results.json").read_text())
+    for checkpoint in runs_dir.rglob("*.pt"):
+        checkpoint.unlink()
+    calls.clear()
+    assert experiment.main([*args, "--resume", str(runs_dir)]) == 0 and calls == []
+    again = json.loads((tmp_path / "reports" / "e3_context_smoke" / "results.json").read_text())
+    assert again["scores"] == results["scores"] and again["span_controls"] == results["span_controls"]
+    assert again["runs"] == results["runs"] and all("score" not in run for run in again["runs"])
+    assert again["parameters"] == results["parameters"]
     # a runs directory that does not exist: one line naming --resume
     assert experiment.main([*args, "--resume", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("config error: --resume: ")
