@@ -666,6 +666,13 @@ def write_report(res: dict, report_dir: Path) -> Path:
                   "before the first run). The last column is train()'s validation, random windows of each run's "
                   "own length: not the same text across contexts (the results above are). Outputs "
                   f"(metrics.jsonl, checkpoints, wandb) under `{res['out_root']}`.", ""]
+        reused = [r for r in runs if r.get("reused")]
+        for origin in sorted({json.dumps(r["reused"], sort_keys=True) for r in reused}):
+            o = json.loads(origin)
+            names = ", ".join(r["run"] for r in reused if json.dumps(r["reused"], sort_keys=True) == origin)
+            lines += [f"Taken as they were from an earlier invocation's results (`--extend`: commit {o['commit']}, "
+                      f"{o['date']}, {o['device']}), not trained or scored again: {names}. The environment below "
+                      "is this invocation's.", ""]
     lines += ["## Reproduce", "", "```bash", res["command"], "```", ""]
     if runs:
         train_commands = "\n".join(shlex.join(["python", "train.py", f"experiment={res['experiment']}",
@@ -682,13 +689,62 @@ def write_report(res: dict, report_dir: Path) -> Path:
 
 def report_only(results: Path) -> Path:
     """Rebuild report.md and its plots beside `results` (a results.json) without training."""
+    return write_report(read_results(results, "--report-only"), results.parent)
+
+
+def read_results(results: Path, option: str) -> dict:
     if not results.exists():
-        raise ConfigError("--report-only", f"no {relative(results)}", "run the experiment first (or pass --reports)")
+        raise ConfigError(option, f"no {relative(results)}", "run the experiment first (or pass --reports)")
     res = json.loads(results.read_text())
     if res.get("format") != FORMAT:
-        raise ConfigError("--report-only", f"{relative(results)} has format {res.get('format')!r}, this script "
+        raise ConfigError(option, f"{relative(results)} has format {res.get('format')!r}, this script "
                           f"writes {FORMAT}", "run the experiment again to regenerate its results")
-    return write_report(res, results.parent)
+    return res
+
+
+RUN_LABEL = re.compile(r"ctx(\d+)(?:_span(\d+))?_seed(\d+)")
+
+
+def kept_score(res: dict, label: str) -> dict:
+    """What Experiment.scored() kept for run `label`, read back from an E2 or E3 results.json."""
+    context, span, seed = RUN_LABEL.fullmatch(label).groups()
+    if res["base"] == "e2_passkey":
+        return {"accuracy": res["accuracy"][context][seed], "token_accuracy": res["token_accuracy"][context][seed]}
+    scores = res["span_controls"]["scores"] if span else res["scores"]
+    return scores[context][seed]
+
+
+def extendable(results: Path) -> dict:
+    res = read_results(results, "--extend")
+    if res["base"] not in ("e2_passkey", "e3_context"):
+        raise ConfigError("--extend", f"{res['experiment']} keeps no evaluation with its runs",
+                          "only E2 and E3 can be extended; run the others whole")
+    return res
+
+
+def extend_records(res: dict, root: Path) -> None:
+    """--extend: the runs of an experiment's results.json written as finished, scored run records into a new
+    runs directory, which the invocation then resumes: the runs the config adds (a seed, a span control) are
+    trained, the others taken as they were."""
+    for run in res["runs"]:
+        (root / run["run"]).mkdir(parents=True)
+        write_record(root / run["run"] / RUN_RECORD, run | {
+            "score": kept_score(res, run["run"]), "parameters": res["parameters"],
+            "reused": {"commit": res["environment"]["commit"], "date": res["environment"]["date"],
+                       "device": res["environment"]["device"]}})
+
+
+def check_same_config(x: Experiment, res: dict) -> None:
+    """--extend mixes earlier runs with new ones: the model, data and train settings must be the ones they ran
+    with (a key the earlier results do not have must be at its null default)."""
+    for group, old in res["config"].items():
+        new = OmegaConf.to_container(x.cfg[group], resolve=True)
+        for key in sorted(set(old) | set(new)):
+            if key in PATH_KEYS or (key not in old and new.get(key) is None):
+                continue
+            if old.get(key) != new.get(key):
+                raise ConfigError(f"{group}.{key}", f"is {new.get(key)!r} here but the runs of the results were "
+                                  f"trained with {old.get(key)!r}", "extend with the same config and overrides")
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -816,6 +872,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
                         help="continue an interrupted invocation in its runs directory OUTPUTS/<name>/<date_time>: "
                              "its finished runs are reused, an unfinished one resumes from its last checkpoint")
+    parser.add_argument("--extend", action="store_true",
+                        help="E2/E3: take the runs of REPORTS/<name>/results.json as they are (no checkpoints "
+                             "needed) and train only the runs the config adds (a seed, runner.span_controls)")
     args = parser.parse_intermixed_args(argv)
     base = args.name.removesuffix("_smoke")
     if base not in EXPERIMENTS:
@@ -834,6 +893,11 @@ def main(argv: list[str] | None = None) -> int:
             report = report_only(reports / name / "results.json")
         else:
             resume = None
+            if args.extend and args.resume is not None:
+                raise ConfigError("--extend", "and --resume together", "--extend starts its own runs directory")
+            if args.extend:
+                earlier = extendable(reports / name / "results.json")
+                resume = args.outputs.resolve() / name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
             if args.resume is not None:
                 resume = args.resume.resolve()
                 if not resume.is_dir():
@@ -841,6 +905,9 @@ def main(argv: list[str] | None = None) -> int:
                                       "give the runs directory of an earlier invocation, "
                                       f"outputs/experiments/{name}/<date_time>")
             x = Experiment(name, args.overrides, args.outputs.resolve(), reports, command, resume)
+            if args.extend:   # the config first: a mismatch leaves nothing behind
+                check_same_config(x, earlier)
+                extend_records(earlier, resume)
             EXPERIMENTS[base](x)
             report = x.finish()
     except (ConfigError, HydraException) as e:  # a user's mistake: one line, no traceback

@@ -251,6 +251,41 @@ def test_resume_reuses_finished_runs(tmp_path, cache_dir, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+def test_extend_trains_only_the_added_runs(tmp_path, cache_dir, monkeypatch, capsys):
+    """--extend: an E3 results.json without span controls, extended by the config that has them: only the two
+    control runs train (the earlier six from their kept records, no checkpoint needed), the earlier scores stay
+    as they were and the report says which runs were taken. A changed setting or E4: one line, nothing written."""
+    real, calls = experiment.train, []
+    monkeypatch.setattr(experiment, "train", lambda cfg: calls.append(cfg) or real(cfg))
+    common = ["e3_context", "--smoke", "--reports", str(tmp_path / "reports"), "--outputs", str(tmp_path / "outputs"),
+              f"cache_dir={cache_dir}"]
+    assert experiment.main([*common, "runner.span_controls=[]"]) == 0 and len(calls) == 6
+    results_file = tmp_path / "reports" / "e3_context_smoke" / "results.json"
+    before = json.loads(results_file.read_text())
+    for checkpoint in (tmp_path / "outputs").rglob("*.pt"):
+        checkpoint.unlink()
+    calls.clear()
+    assert experiment.main([*common, "--extend", "train.lr=0.5"]) == 2     # not the config the runs had
+    assert "config error: train.lr: " in capsys.readouterr().err and calls == []
+    assert len(list((tmp_path / "outputs" / "e3_context_smoke").iterdir())) == 1   # no records written
+    assert experiment.main([*common, "--extend"]) == 0
+    assert [cfg.out_dir.rsplit("/", 1)[-1] for cfg in calls] == ["ctx64_span256_seed0", "ctx64_span256_seed1"]
+    after = json.loads(results_file.read_text())
+    assert after["scores"] == before["scores"] and list(after["span_controls"]["scores"]) == ["64"]
+    assert [r["run"] for r in after["runs"][:6]] == [r["run"] for r in before["runs"]]
+    assert all(r["reused"]["commit"] == before["environment"]["commit"] for r in after["runs"][:6])
+    check_identical_tokens(after, [s for by_seed in [*after["scores"].values(), *after["span_controls"]["scores"]
+                                                     .values()] for s in by_seed.values()])
+    report = (tmp_path / "reports" / "e3_context_smoke" / "report.md").read_text()
+    assert "not trained or scored again: ctx64_seed0, ctx64_seed1, ctx128_seed0" in report
+    e4 = ["e4_extend", "--smoke", "--reports", str(tmp_path / "reports"), "--extend"]
+    (tmp_path / "reports" / "e4_extend_smoke").mkdir()
+    (tmp_path / "reports" / "e4_extend_smoke" / "results.json").write_text(json.dumps(
+        {**before, "experiment": "e4_extend_smoke", "base": "e4_extend"}))
+    assert experiment.main(e4) == 2 and "config error: --extend: " in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_e4_extend_smoke(tmp_path, cache_dir):
     report_dir, results = run_smoke("e4_extend", tmp_path, cache_dir)
     methods = ["none", "pi", "theta", "yarn"]
