@@ -97,33 +97,50 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 def _checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_size, softcap,
              alibi_slopes):
-    """The checks a forward and a backward call share -> (scale, softcap, max_seqlen_q, max_seqlen_k), the max_seqlens
-    the launch uses (validate.check_cu_seqlens: the longest document; the batch's lengths otherwise)."""
+    """The checks a forward and a backward call share -> (scale, softcap, max_seqlen_q, max_seqlen_k, uniform), the
+    max_seqlens the launch uses (validate.check_cu_seqlens: the longest document; the batch's lengths otherwise) and,
+    for varlen documents that all have the same lengths, those lengths (the call is a batch: _as_batch)."""
     varlen = cu_seqlens_q is not None
     check_qkv(q, k, v, varlen=varlen)
     scale = check_options(q.shape[-1], softmax_scale, window_size)
     softcap = check_softcap(softcap)
+    uniform = None
     if varlen:
-        max_seqlen_q, max_seqlen_k = check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        max_seqlen_q, max_seqlen_k, uniform = check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                               max_seqlen_k)
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
     if alibi_slopes is not None:
         check_alibi(alibi_slopes, q, cu_seqlens_q.numel() - 1 if varlen else q.shape[0], q.shape[-2])
-    return scale, softcap, max_seqlen_q, max_seqlen_k
+    return scale, softcap, max_seqlen_q, max_seqlen_k, uniform
+
+
+def _as_batch(uniform, *packed):
+    """Varlen (total, heads, dim) tensors whose documents all have the lengths uniform = (L_q, L_k) as batch views
+    (total / L, L, heads, dim), q-like tensors by L_q and k-like by L_k (the order q-like first is the caller's): the
+    same attention, and the batch launch takes the fastest kernels (the Gluon ones refuse varlen, kernels/policy.py),
+    with no copy."""
+    n = packed[0].shape[0] // uniform[0]
+    return [t.view(n, t.shape[0] // n, *t.shape[1:]) for t in packed]
 
 
 def _attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
                window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse):
     """flash_attn_func (cu_seqlens_q None) and flash_attn_varlen_func: checks, then the kernels or the CPU path."""
     check_dropout(dropout_p)
-    scale, softcap, max_seqlen_q, max_seqlen_k = _checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                          max_seqlen_k, softmax_scale, window_size, softcap,
-                                                          alibi_slopes)
+    scale, softcap, max_seqlen_q, max_seqlen_k, uniform = _checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                                   max_seqlen_k, softmax_scale, window_size, softcap,
+                                                                   alibi_slopes)
     left, right = normalize_window(causal, window_size)
     if _use_triton(q):
         mods = () if softcap == 0.0 and alibi_slopes is None else (softcap, alibi_slopes)
-        out, lse = _FlashAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left,
-                                    right, deterministic, mods)
+        if uniform is not None:   # documents of one length: the batch launch, out and lse back in varlen layout
+            qb, kb, vb = _as_batch(uniform, q, k, v)
+            out, lse = _FlashAttn.apply(qb, kb, vb, None, None, *uniform, scale, left, right, deterministic, mods)
+            out, lse = out.view(q.shape), lse.transpose(0, 1).reshape(q.shape[1], q.shape[0])  # (n,H,L) -> (H, n*L)
+        else:
+            out, lse = _FlashAttn.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left,
+                                        right, deterministic, mods)
     else:
         out, lse = blockwise_attention(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k, softcap=softcap,
                                        alibi_slopes=alibi_slopes)
@@ -232,9 +249,9 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=Fals
     (selective activation checkpointing, training/memory.py). Triton path only: CUDA tensors, or CPU
     under TRITON_INTERPRET=1.
     """
-    scale, softcap, max_seqlen_q, max_seqlen_k = _checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                          max_seqlen_k, softmax_scale, window_size, softcap,
-                                                          alibi_slopes)
+    scale, softcap, max_seqlen_q, max_seqlen_k, uniform = _checked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                                   max_seqlen_k, softmax_scale, window_size, softcap,
+                                                                   alibi_slopes)
     if not _use_triton(q):
         raise ValueError("flash_attn_backward runs the Triton kernels: it needs CUDA tensors, or CPU tensors "
                          "with TRITON_INTERPRET=1")
@@ -244,5 +261,14 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=Fals
                              f"got {tuple(t.shape)} {t.dtype}")
     left, right = normalize_window(causal, window_size)
     mods = () if softcap == 0.0 and alibi_slopes is None else (softcap, alibi_slopes)
+    if uniform is not None:   # as the forward ran it (_attention): the batch launch, the gradients in varlen layout
+        if lse.shape != (q.shape[1], q.shape[0]):
+            raise ValueError(f"lse must have shape (nheads, total_q) = {(q.shape[1], q.shape[0])}, "
+                             f"got {tuple(lse.shape)}")
+        qb, kb, vb, dob, ob = _as_batch(uniform, q, k, v, dout, out)
+        lse_b = lse.view(q.shape[1], qb.shape[0], uniform[0]).transpose(0, 1).contiguous()   # (H, n*L) -> (n, H, L)
+        grads = _flash_bwd_op(dob, None, qb, kb, vb, ob, lse_b, None, None, *uniform, scale, left, right,
+                              deterministic, *mods)
+        return tuple(g.view(t.shape) for g, t in zip(grads, (q, k, v)))
     return _flash_bwd_op(dout, None, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          scale, left, right, deterministic, *mods)

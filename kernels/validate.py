@@ -76,10 +76,12 @@ def check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     Reads the (tiny) offsets back to the host once, so max_seqlen can be checked too: a max_seqlen
     smaller than a document would silently drop rows from the launch grid.
 
-    Returns (max_seqlen_q, max_seqlen_k) for the launch: the longest document rounded up to GRID_ROUND
-    (and at most the caller's bound). Callers often pass a loose bound (a model passes its row length T),
-    and the grid is documents x ceil(max_seqlen / BLOCK_M) programs: with many short documents nearly all
-    of them would start only to find no rows. Under torch.compile (no read-back) the caller's values.
+    Returns (max_seqlen_q, max_seqlen_k, uniform) for the launch: the longest document rounded up to
+    GRID_ROUND (and at most the caller's bound). Callers often pass a loose bound (a model passes its row
+    length T), and the grid is documents x ceil(max_seqlen / BLOCK_M) programs: with many short documents
+    nearly all of them would start only to find no rows. uniform: (L_q, L_k) when every document has the same
+    lengths L_q >= 1 and L_k >= 1 and they cover all rows of q and k (a batch in varlen form: a ring's dense
+    block, rows without documents), else None. Under torch.compile (no read-back) the caller's values and None.
     """
     for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
@@ -98,7 +100,7 @@ def check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
                          f"got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     if torch.compiler.is_compiling():
-        return max_seqlen_q, max_seqlen_k
+        return max_seqlen_q, max_seqlen_k, None
     # A model passes the same cu_seqlens to every layer: read the offsets back (a device sync) once
     # per tensor and version, not once per layer.
     key = (cu_seqlens_q._version, cu_seqlens_k._version, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
@@ -120,6 +122,11 @@ def check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
             raise ValueError(f"{mname} = {max_len} is smaller than the longest document ({longest})")
     tight = tuple(min(max_len, -(-max(longest, 1) // GRID_ROUND) * GRID_ROUND)
                   for max_len, (_, _, _, longest) in zip((max_seqlen_q, max_seqlen_k), stats))
+    uniform = tuple(longest for _, _, _, longest in stats)
+    if not all(0 < shortest == longest and last == total for (_, last, shortest, longest), total
+               in zip(stats, (q.shape[0], k.shape[0]))):
+        uniform = None
+    tight = (*tight, uniform)
     _checked.append((weakref.ref(cu_seqlens_q), weakref.ref(cu_seqlens_k), key, tight))
     del _checked[:-CHECKED_KEPT]
     return tight

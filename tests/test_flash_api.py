@@ -324,3 +324,47 @@ def test_varlen_grid_follows_the_longest_document(device, monkeypatch):
     assert torch.equal(loose, tight)
     for g, t in zip(grads, (q, k, v)):
         assert torch.equal(g, t.grad)
+
+
+@pytest.mark.parametrize("lq, lk, kw", [
+    (23, 23, dict(causal=True)),
+    (8, 21, dict(causal=True, alibi="batch")),   # seqlen_q < seqlen_k: the diagonal at each document's bottom right
+    (19, 19, dict(window_size=(5, 2), softcap=2.0)),
+])
+def test_documents_of_one_length_take_the_batch_launch(lq, lk, kw, device, monkeypatch):
+    """Varlen documents that all have the same lengths (a ring's dense block, document-masked rows without a
+    document boundary) run as a batch (total / L, L, heads, dim): the launch gets no offsets, so the Gluon
+    kernels can take it on a GPU; out, LSE and gradients are the oracle's, and flash_attn_backward from the kept
+    varlen LSE gives the autograd gradients. A non-uniform or partial cover stays varlen."""
+    seen = []
+    real_fwd, real_bwd = flash_attn_module.attn_fwd, flash_attn_module.attn_bwd
+    monkeypatch.setattr(flash_attn_module, "attn_fwd", lambda *a: seen.append(("fwd", a[6] is None, a[0].dim()))
+                        or real_fwd(*a))
+    monkeypatch.setattr(flash_attn_module, "attn_bwd", lambda *a: seen.append(("bwd", a[10] is None, a[2].dim()))
+                        or real_bwd(*a))
+    n, H, Hk = 3, 4, 2
+    cu_q = torch.arange(0, n * lq + 1, lq, dtype=torch.int32, device=device)
+    cu_k = torch.arange(0, n * lk + 1, lk, dtype=torch.int32, device=device)
+    q = torch.randn(n * lq, H, 32, dtype=torch.float16, device=device) * 1.5
+    k, v = (torch.randn(n * lk, Hk, 32, dtype=torch.float16, device=device) for _ in range(2))
+    kw = dict(kw)
+    if kw.pop("alibi", None):
+        kw["alibi_slopes"] = _slopes("batch", n, H, device)
+    check_against_oracle(
+        lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_q, cu_k, lq, lk, return_lse=True, **kw),
+        lambda q, k, v: attention_ref(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw), [q, k, v])
+    assert seen == [("fwd", True, 4), ("bwd", True, 4)]   # batch layout, no offsets, forward and backward
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = flash_attn_varlen_func(*leaves, cu_q, cu_k, lq, lk, return_lse=True, **kw)
+    assert out.shape == q.shape and lse.shape == (H, n * lq)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    kept = flash_attn_backward(dout, q, k, v, out.detach(), lse.detach(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                               max_seqlen_q=lq, max_seqlen_k=lk, **kw)
+    for g, leaf in zip(kept, leaves):
+        assert g.shape == leaf.shape and torch.equal(g, leaf.grad)
+    seen.clear()   # the last document one token short: not uniform, and a partial cover of q: both stay varlen
+    short = cu_q.clone()
+    short[-1] -= 1
+    flash_attn_varlen_func(q, k, v, short, cu_k, lq, lk, **kw)
+    assert seen == [("fwd", False, 3)]
