@@ -156,7 +156,9 @@ class Experiment:
                     self.results.setdefault("parameters", run["parameters"])
                 self.runs.append({k: v for k, v in run.items() if k not in ("score", "parameters")})
                 return run
-        resumed = ("train.resume=latest",) if self.resume else ()
+        # a run this invocation's predecessor started (its directory is there): from its newest checkpoint, if any;
+        # a run new to the directory (one --extend or a larger runner block adds) starts as a plain one
+        resumed = ("train.resume=latest",) if self.resume and (self.out_root / label).is_dir() else ()
         overrides = (path_override("out_dir", self.out_root / label), f"logger.name={label}", *overrides, *resumed)
         cfg = self.compose(*overrides)
         self.data, self.corpus  # noqa: B018 - prepared before the clock starts (a failing corpus: before any run)
@@ -523,11 +525,11 @@ def report_e2(res: dict, out: Path) -> tuple[str, str, list[str]]:
     sections = [
         f"Teacher-forced passkey accuracy, mean over depths {', '.join(f'{d:g}' for d in depths)} (prompts per "
         f"cell: {r['eval_trials']}){seed_note(seeds)}:\n\n"
-        + table(header, [[human(int(c)), *[spread([m[j] for m in per_seed_mean[c]]) for j in range(len(lengths))]]
+        + table(header, [[human(int(c)), *[spread([m[j] for m in per_seed_mean[c]], 2) for j in range(len(lengths))]]
                          for c in contexts]),
         "Answer tokens right (of the key's tokens, same prompts; partial progress the table above, which needs "
         "every token, does not show):\n\n"
-        + table(header, [[human(int(c)), *[spread([t[j] for t in res["token_accuracy"][c].values()])
+        + table(header, [[human(int(c)), *[spread([t[j] for t in res["token_accuracy"][c].values()], 2)
                                            for j in range(len(lengths))]] for c in contexts])]
     for c in contexts:
         grid = np.mean(list(res["accuracy"][c].values()), axis=0)       # over seeds; rows depths, columns lengths
@@ -781,13 +783,17 @@ def table(header: list[str], rows: list[list]) -> str:
                       *["| " + " | ".join(map(cell, row)) + " |" for row in rows]])
 
 
-def spread(values: list) -> float | str | None:
-    """Over seeds: one value as is, several as 'mean ± sample standard deviation'; None if any is None."""
+def spread(values: list, decimals: int | None = None) -> float | str | None:
+    """Over seeds: one value as is, several as 'mean ± sample standard deviation'; None if any is None.
+    decimals: both to that many places (accuracies: 0.76 ± 0.00, not a float's rounding noise as 7.9e-17)."""
     if any(v is None for v in values):
         return None
     if len(values) == 1:
-        return float(values[0])
-    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+        return float(values[0]) if decimals is None else f"{values[0]:.{decimals}f}"
+    mean, sd = statistics.mean(values), statistics.stdev(values)
+    if decimals is not None:
+        return f"{mean:.{decimals}f} ± {sd:.{decimals}f}"
+    return f"{mean:.4g} ± {sd:.2g}"
 
 
 def seed_note(seeds: list[int]) -> str:

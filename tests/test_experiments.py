@@ -2,6 +2,7 @@
 trains its runs through train(), evaluates the checkpoints and writes results.json and the report built
 from it, all under tmp_path; the report rebuilt by --report-only; and train.init_from, the weights-only
 start that E4's fine-tunes use."""
+import copy
 import importlib.util
 import json
 import math
@@ -196,14 +197,18 @@ class Killed(BaseException):
 @pytest.mark.slow
 def test_resume_reuses_finished_runs(tmp_path, cache_dir, monkeypatch, capsys):
     """An invocation killed in its third run, continued with --resume: the two finished runs are taken from
-    their records and checkpoints (not trained again), the third resumes (train.resume=latest), and the report
-    is the one of a run without the interruption, but for the wall-clocks."""
+    their records and checkpoints (not trained again), the third resumes from its checkpoint
+    (train.resume=latest), the runs it never started start as plain ones, and the report is the one of a run
+    without the interruption, but for the wall-clocks."""
     real, calls, killed = experiment.train, [], []
 
     def dies_in_run_3(cfg):
         calls.append(cfg)
         if len(calls) == 3 and not killed:
             killed.append(cfg)
+            part = copy.deepcopy(cfg)
+            part.train.max_steps = cfg.train.max_steps // 2   # half its steps trained and checkpointed, then killed
+            real(part)
             raise Killed   # a kill: nothing of the experiment's own handling runs
         return real(cfg)
     monkeypatch.setattr(experiment, "train", dies_in_run_3)
@@ -219,12 +224,14 @@ def test_resume_reuses_finished_runs(tmp_path, cache_dir, monkeypatch, capsys):
     first = [{k: v for k, v in run.items() if k not in ("score", "parameters")} for run in first]
     calls.clear()
     assert experiment.main([*args, "--resume", str(runs_dir)]) == 0
-    assert len(calls) == 6 and all(cfg.train.resume == "latest" for cfg in calls)   # runs 3-8 only
+    assert len(calls) == 6   # runs 3-8 only: the third from its checkpoint, the others never started
+    assert [cfg.train.resume for cfg in calls] == ["latest"] + [None] * 5
     assert "ctx64_seed0 finished before (--resume): not trained again" in capsys.readouterr().out
     results = json.loads((tmp_path / "reports" / "e3_context_smoke" / "results.json").read_text())
     assert results["runs"][:2] == first and [r["run"] for r in results["runs"]] == \
         [f"ctx{c}_seed{s}" for c in (64, 128, 256) for s in (0, 1)] + ["ctx64_span256_seed0", "ctx64_span256_seed1"]
-    assert all(r.get("resumed") for r in results["runs"][2:])
+    assert results["runs"][2]["resumed"] and results["runs"][2]["steps"] == calls[0].train.max_steps
+    assert not any(r.get("resumed") for r in results["runs"][3:])
     # a damaged record is not trusted: that run goes through train.resume=latest (its final checkpoint), once
     (runs_dir / "ctx64_seed1" / experiment.RUN_RECORD).write_text('{"run": "ctx64_se')
     calls.clear()
@@ -270,14 +277,17 @@ def test_extend_trains_only_the_added_runs(tmp_path, cache_dir, monkeypatch, cap
     assert len(list((tmp_path / "outputs" / "e3_context_smoke").iterdir())) == 1   # no records written
     assert experiment.main([*common, "--extend"]) == 0
     assert [cfg.out_dir.rsplit("/", 1)[-1] for cfg in calls] == ["ctx64_span256_seed0", "ctx64_span256_seed1"]
+    assert all(cfg.train.resume is None for cfg in calls)   # new runs: plain ones, not resumes
     after = json.loads(results_file.read_text())
     assert after["scores"] == before["scores"] and list(after["span_controls"]["scores"]) == ["64"]
     assert [r["run"] for r in after["runs"][:6]] == [r["run"] for r in before["runs"]]
     assert all(r["reused"]["commit"] == before["environment"]["commit"] for r in after["runs"][:6])
     check_identical_tokens(after, [s for by_seed in [*after["scores"].values(), *after["span_controls"]["scores"]
                                                      .values()] for s in by_seed.values()])
+    assert not any(r.get("resumed") for r in after["runs"][6:])
     report = (tmp_path / "reports" / "e3_context_smoke" / "report.md").read_text()
     assert "not trained or scored again: ctx64_seed0, ctx64_seed1, ctx128_seed0" in report
+    assert "train.resume" not in report   # the reproduce commands are the plain runs
     e4 = ["e4_extend", "--smoke", "--reports", str(tmp_path / "reports"), "--extend"]
     (tmp_path / "reports" / "e4_extend_smoke").mkdir()
     (tmp_path / "reports" / "e4_extend_smoke" / "results.json").write_text(json.dumps(
