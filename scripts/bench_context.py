@@ -443,14 +443,15 @@ def sweep(configs: list[str], model_name: str, start: int, max_len: int, steps: 
           long_from: int, max_step_seconds: float, device: torch.device, out: Path, wandb: str = "none",
           project: str = WANDB_PROJECT, log=lambda row: None, max_by_config: dict | None = None,
           breakdown_at: tuple[int, ...] = (), compile: bool | str = False, doc_len: int = DOC_LEN,
-          warn=lambda line: print(line, file=sys.stderr, flush=True)) -> list[dict]:
+          warn=lambda line: print(line, file=sys.stderr, flush=True), group: str | None = None) -> list[dict]:
     """For each configuration, double the context from `start` until the first point that is not ok,
     `max_len` (or max_by_config[config], a lower cap for slow baselines), or a step slower than
     `max_step_seconds`; at the contexts in `breakdown_at` also what holds the memory at the peak; `long_steps` steps per point from `long_from`
     tokens on, else `steps`. Returns the rows in order, each also passed to `log`. Each configuration
     logs to out/<config>/metrics.jsonl and to a wandb run (mode `wandb`, as logger.mode: best effort).
     compile: every model torch.compile'd (a string: in that mode); rows and runs are named <config>+compile
-    (<config>+MODE). doc_len: mean document length of the +docs configurations' packed rows.
+    (<config>+MODE). doc_len: mean document length of the +docs configurations' packed rows. group: the wandb
+    group of the runs (default: one new group per call).
     Every configuration is checked before the first point (ValueError: an unknown name, listing the valid
     ones; or a model setting GPTConfig refuses); one that cannot train on this device (FlexAttention on a
     CPU) gets a single row with status "skipped: <why>", and `warn` that line."""
@@ -468,7 +469,7 @@ def sweep(configs: list[str], model_name: str, start: int, max_len: int, steps: 
     # segments; growable segments keep the peak close to what is allocated. Read at the first CUDA
     # allocation, so this only applies if nothing was allocated before (set it yourself otherwise).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    group = f"context-{model_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    group = group or f"context-{model_name}-{datetime.now():%Y%m%d-%H%M%S}"
     rows = []
     for name in configs:
         c = backend(name, device)

@@ -17,7 +17,8 @@ to every run. Training metrics go where train() puts them (metrics.jsonl, wandb)
 outputs/experiments/<name>/<date_time>/<run>/; every number a report shows is in its results.json, so
 --report-only rebuilds the same report.md without training (a hand-written reading.md beside it is
 placed under the summary). Smoke variants report under outputs/reports/ (ignored by git), never over
-the committed reports/. A finished run leaves its row in <run>/run.json (E2 and E3: with its evaluation):
+the committed reports/. A finished run leaves its row in <run>/run.json (E2 and E3: with its evaluation; E1:
+each swept configuration its rows in <config>/run.json):
 --resume DIR continues an interrupted invocation, taking those runs as they are and resuming the unfinished
 one from its newest checkpoint. An E2 or E3 run whose record kept its evaluation needs no checkpoint, so the
 records alone, carried to another machine, let a later invocation add runs (a seed, runner.span_controls). Paths in reports are relative to the repository. E3 and E4 score every model
@@ -327,11 +328,23 @@ def e1_scaling(x: Experiment) -> None:
             bench_context.gpt_config(name, r.model, r.start, x.device)
         except ValueError as e:
             raise ConfigError("runner.configs", f"{name!r}: {e}", "drop it or change runner.model") from None
-    rows = bench_context.sweep(configs, r.model, r.start, r.max, r.steps, r.long_steps, r.long_from,
-                               r.max_step_seconds, x.device, x.out_root, wandb=x.cfg.logger.mode,
-                               project=x.cfg.logger.project, log=lambda row: print(json.dumps(row), flush=True),
-                               max_by_config=dict(r.get("max_by_config") or {}),
-                               breakdown_at=tuple(r.get("breakdown_at") or ()), doc_len=doc_len)
+    rows, taken = [], {}
+    for name in configs:   # one sweep per configuration, its rows recorded as it ends: what --resume takes
+        record = x.out_root / name / RUN_RECORD   # beside the sweep's metrics.jsonl of that configuration
+        if x.resume and (earlier := sweep_record(record, name)):
+            print(f"experiment.py: {name} swept before (--resume): not measured again")
+            rows += earlier["rows"]
+            taken[name] = earlier["environment"]
+            continue
+        got = bench_context.sweep([name], r.model, r.start, r.max, r.steps, r.long_steps, r.long_from,
+                                  r.max_step_seconds, x.device, x.out_root, wandb=x.cfg.logger.mode,
+                                  project=x.cfg.logger.project, log=lambda row: print(json.dumps(row), flush=True),
+                                  max_by_config=dict(r.get("max_by_config") or {}),
+                                  breakdown_at=tuple(r.get("breakdown_at") or ()), doc_len=doc_len,
+                                  group=f"context-{r.model}-{x.out_root.name}")   # one wandb group, resumes too
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_record(record, {"config": name, "rows": got, "environment": environment(x.device)})
+        rows += got
 
     def described(name: str) -> dict:
         c = bench_context.backend(name, x.device)
@@ -339,7 +352,23 @@ def e1_scaling(x: Experiment) -> None:
                     train_overrides=bench_context.train_overrides(name))
 
     x.results |= {"model": r.model, "model_config": bench_context.MODELS[r.model], "doc_len": doc_len,
-                  "configs": {name: described(name) for name in configs}, "rows": rows}
+                  "configs": {name: described(name) for name in configs}, "rows": rows, "taken": taken}
+
+
+def sweep_record(record: Path, name: str) -> dict | None:
+    """E1 --resume: a configuration's rows as an earlier invocation recorded them, or None (not swept, or a
+    record that is not whole: then it is swept again)."""
+    if not record.is_file():
+        return None
+    try:
+        got = json.loads(record.read_text())
+        if got["config"] != name or not all(row["config"] == name for row in got["rows"]):
+            raise ValueError(f"rows of another configuration than {name!r}")
+        got["environment"]["device"]  # noqa: B018 - kept so the report can say where they were measured
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        print(f"experiment.py: {name}: {record.name} is unusable ({e}): swept again")
+        return None
+    return got
 
 
 def e2_passkey(x: Experiment) -> None:
@@ -400,32 +429,47 @@ def e3_context(x: Experiment) -> None:
 
 
 def e4_extend(x: Experiment) -> None:
-    """Train short; at the long context score each RoPE method (runner.methods; `none` leaves RoPE as
-    trained) without fine-tuning and after the same fine-tune, and the short model in its own windows."""
+    """Train short (once per seed); at the long context score each RoPE method (runner.methods; `none` leaves
+    RoPE as trained) without fine-tuning and after the same fine-tune, and the short model in its own windows:
+    loss on the identical tokens, passkey at each of runner.passkey_lengths (the short model: at its own)."""
     r = x.runner
     short, long = r.short_context, r.long_context
     depths = list(r.eval_depths)
-    x.check_long_context([short, long])
+    lengths = list(r.get("passkey_lengths") or [long])
+    if not all(isinstance(n, int) and short < n <= long for n in lengths) or len(set(lengths)) != len(lengths):
+        raise ConfigError("runner.passkey_lengths", f"{lengths} must be distinct prompt lengths above "
+                          f"runner.short_context ({short}) and at most runner.long_context ({long})",
+                          f"e.g. [{2 * short}, {long}], or null for [{long}]")
+    lengths.sort()
+    x.check_long_context([short, long, *lengths])
+    seeds = x.seeds()
     x.eval_pieces(long)  # checked and cut before the first run
-    base = x.train(f"short{short}", *x.context(short))["checkpoint"]
-    variants = []
-
-    def evaluate(label: str, method: str | None, finetune_steps: int, model: GPT, context: int) -> None:
-        accs = x.passkey_scores(model, context, depths)
-        variants.append({"variant": label, "method": method, "finetune_steps": finetune_steps,
-                         "passkey_acc": float(np.mean([key for key, _ in accs.values()])),
-                         "by_depth": [key for key, _ in accs.values()], **x.score(model, context, long)})
-
-    evaluate(f"trained at {human(short)}, in {human(short)} windows", None, 0, x.load(base), short)
     methods = {m: OmegaConf.to_container(c, resolve=True) for m, c in r.methods.items()}
-    for method, changes in methods.items():
-        evaluate(f"{method_label(method, changes)}, no fine-tune", method, 0, x.load(base, **changes), long)
-        tuned = x.train(f"finetune_{method}", *x.context(long), *[f"model.{k}={v}" for k, v in changes.items()],
-                        path_override("train.init_from", x.path(base)),
-                        *[f"train.{k}={v}" for k, v in r.finetune.items()])
-        evaluate(f"{method_label(method, changes)} + {tuned['steps']}-step fine-tune", method, tuned["steps"],
-                 x.load(tuned["checkpoint"]), long)
-    x.results |= {"variants": variants, "methods": methods}
+    variants: dict[str, dict] = {}
+
+    def evaluate(label: str, method: str | None, finetune_steps: int, model: GPT, context: int,
+                 passkey_at: list[int], seed: int) -> None:
+        passkey = {n: x.passkey_scores(model, n, depths) for n in passkey_at}
+        v = variants.setdefault(label, {"variant": label, "method": method, "finetune_steps": finetune_steps,
+                                        "context": context, "passkey_lengths": passkey_at, "by_seed": {}})
+        v["by_seed"][seed] = {"passkey": {str(n): float(np.mean([key for key, _ in accs.values()]))
+                                          for n, accs in passkey.items()},
+                              "by_depth": [key for key, _ in passkey[max(passkey_at)].values()],   # the longest
+                              **x.score(model, context, long)}
+
+    for seed in seeds:
+        base = x.train(f"short{short}_seed{seed}", *x.context(short), f"train.seed={seed}")["checkpoint"]
+        evaluate(f"trained at {human(short)}, in {human(short)} windows", None, 0, x.load(base), short, [short], seed)
+        for method, changes in methods.items():
+            evaluate(f"{method_label(method, changes)}, no fine-tune", method, 0, x.load(base, **changes), long,
+                     lengths, seed)
+            tuned = x.train(f"finetune_{method}_seed{seed}", *x.context(long),
+                            *[f"model.{k}={v}" for k, v in changes.items()],
+                            path_override("train.init_from", x.path(base)), f"train.seed={seed}",
+                            *[f"train.{k}={v}" for k, v in r.finetune.items()])
+            evaluate(f"{method_label(method, changes)} + {tuned['steps']}-step fine-tune", method, tuned["steps"],
+                     x.load(tuned["checkpoint"]), long, lengths, seed)
+    x.results |= {"variants": list(variants.values()), "methods": methods}
 
 
 EXPERIMENTS = {"e1_scaling": e1_scaling, "e2_passkey": e2_passkey, "e3_context": e3_context, "e4_extend": e4_extend}
@@ -504,6 +548,11 @@ def report_e1(res: dict, out: Path) -> tuple[str, str, list[str]]:
                                             out):
         sections.append(f"![{alt}]({filename})")
     sections.append(f"Per-configuration metrics.jsonl and wandb runs (one group per sweep) under `{res['out_root']}`.")
+    if taken := res.get("taken"):   # --resume: configurations measured by an earlier invocation of these runs
+        sections.append("Taken as they were from an earlier invocation (`--resume`), not measured again: " + "; ".join(
+            f"`{n}` ({e['device']}, commit {e['commit']}, {e['date']})" for n, e in taken.items())
+            + ". Their points come from another process, possibly another machine of the kind; the environment "
+            "below is this invocation's.")
     shape, plan = res["model_config"], bench_context.PLAN
     summary = (
         f"Full training steps (forward, backward, AdamW) of `{res['model']}` ({shape['n_layer']} layers, d_model "
@@ -604,25 +653,49 @@ def report_e3(res: dict, out: Path) -> tuple[str, str, list[str]]:
     return "E3 perplexity vs training context", summary, sections
 
 
+def e4_seeds(v: dict) -> dict:
+    """An E4 variant's evaluations by seed; results written before seeds and passkey lengths (one evaluation,
+    passkey at its window only) read as one seed."""
+    if "by_seed" in v:
+        return v["by_seed"]
+    return {"-": {**v, "passkey": {str(v["context"]): v["passkey_acc"]}}}
+
+
 def report_e4(res: dict, out: Path) -> tuple[str, str, list[str]]:
     r, ev, variants = res["runner"], res["eval"], res["variants"]
     short, long, depths = r["short_context"], r["long_context"], r["eval_depths"]
-    sections = [identical_note(ev, variants), table(
-        ["variant", "windows", "val loss", "val ppl", "passkey acc", *[f"acc @depth {d:g}" for d in depths]],
-        [[v["variant"], human(v["context"]), v["loss"], float(np.exp(v["loss"])), v["passkey_acc"], *v["by_depth"]]
-         for v in variants])]
+    seeds = [s for s in e4_seeds(variants[0]) if s != "-"]
+    lengths = sorted({int(n) for v in variants for e in e4_seeds(v).values() for n in e["passkey"]})
+
+    def passkey(v: dict, n: int):
+        got = [e["passkey"].get(str(n)) for e in e4_seeds(v).values()]
+        return None if None in got else spread(got, 2)
+    rows = []
+    for v in variants:
+        evals = list(e4_seeds(v).values())
+        rows.append([v["variant"], human(v["context"]), spread([e["loss"] for e in evals]),
+                     spread([float(np.exp(e["loss"])) for e in evals]), *[passkey(v, n) for n in lengths],
+                     *[spread([e["by_depth"][i] for e in evals], 2) for i in range(len(depths))]])
+    sections = [identical_note(ev, [e for v in variants for e in e4_seeds(v).values()]),
+                f"Val loss on those tokens and passkey accuracy (mean over depths; a model at the length of its "
+                f"windows and the extended ones at each `runner.passkey_lengths`; by depth: at the longest)"
+                f"{seed_note(seeds)}:\n\n" + table(
+                    ["variant", "windows", "val loss", "val ppl", *[f"passkey @{human(n)}" for n in lengths],
+                     *[f"acc @depth {d:g}" for d in depths]], rows)]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=[3, 2], layout="constrained")
     for v in variants:
-        plot_by_position(ax_loss, ev["edges"], [v], v["variant"], None)
+        plot_by_position(ax_loss, ev["edges"], list(e4_seeds(v).values()), v["variant"], None)
     ax_loss.axvline(short, color="gray", linestyle=":", linewidth=1)
     ax_loss.set_xlabel("position in the piece (tokens of context available)")
     ax_loss.set_title(f"loss by position, the same tokens for every row (dotted: training context {human(short)})",
                       fontsize=9)
     ax_loss.legend(fontsize=7, loc="best")
-    ax_acc.barh([v["variant"] for v in variants][::-1], [v["passkey_acc"] for v in variants][::-1])
+    longest = [float(np.mean([e["passkey"][str(max(int(n) for n in e["passkey"]))] for e in e4_seeds(v).values()]))
+               for v in variants]
+    ax_acc.barh([v["variant"] for v in variants][::-1], longest[::-1])
     ax_acc.set_xlim(0, 1)
     ax_acc.set_xlabel("passkey accuracy")
-    ax_acc.set_title("passkey retrieval (mean over depths)")
+    ax_acc.set_title("passkey retrieval at each row's longest length (mean over depths and seeds)", fontsize=9)
     sections.append(save(fig, out, "extension.png", "context extension: loss by position and passkey accuracy"))
     methods = "; ".join(f"{m}: " + (", ".join(f"`model.{k}={v}`" for k, v in c.items()) or "RoPE as trained")
                         for m, c in res["methods"].items())
@@ -632,7 +705,7 @@ def report_e4(res: dict, out: Path) -> tuple[str, str, list[str]]:
                f"is and after the same fine-tune at {human(long)} from the {human(short)} weights "
                f"(`train.init_from`; {tuned[0]['steps']} steps, {tuned[0]['tokens']:,} tokens each); the `none` "
                "fine-tune is the control: how much of a method's gain the fine-tune alone gives. Passkey prompts "
-               f"per depth: {r['eval_trials']}.")
+               f"per depth: {r['eval_trials']}; {max(len(seeds), 1)} seed(s).")
     return "E4 context extension by RoPE scaling", summary, sections
 
 

@@ -151,6 +151,44 @@ def test_e1_scaling_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_e1_resume_takes_swept_configurations(tmp_path, monkeypatch, capsys):
+    """E1 killed in its second configuration, continued with --resume: the first configuration's rows come from
+    its record (not swept again), the sweep goes on from the second, and the report says which rows were taken;
+    a damaged record is swept again."""
+    real, swept, killed = experiment.bench_context.sweep, [], []
+
+    def dies_in_config_2(configs, *args, **kwargs):
+        swept.append(configs)
+        if len(swept) == 2 and not killed:
+            killed.append(configs)
+            raise Killed
+        return real(configs, *args, **kwargs)
+    monkeypatch.setattr(experiment.bench_context, "sweep", dies_in_config_2)
+    args = ["e1_scaling", "--smoke", "--reports", str(tmp_path / "reports"), "--outputs", str(tmp_path / "outputs"),
+            "runner.configs=[naive,sdpa_flash,sdpa_cudnn]"]   # the cheap ones on a CPU
+    with pytest.raises(Killed):
+        experiment.main(args)
+    [runs_dir] = (tmp_path / "outputs" / "e1_scaling_smoke").iterdir()
+    first = json.loads((runs_dir / "naive" / experiment.RUN_RECORD).read_text())
+    assert [row["config"] for row in first["rows"]] == ["naive"] * 3   # 64, 128, 256
+    assert not (runs_dir / "sdpa_flash" / experiment.RUN_RECORD).exists()
+    swept.clear()
+    assert experiment.main([*args, "--resume", str(runs_dir)]) == 0
+    assert swept == [["sdpa_flash"], ["sdpa_cudnn"]]
+    assert "naive swept before (--resume): not measured again" in capsys.readouterr().out
+    results = json.loads((tmp_path / "reports" / "e1_scaling_smoke" / "results.json").read_text())
+    assert results["rows"][:3] == first["rows"] and [r["config"] for r in results["rows"][3:]] == \
+        ["sdpa_flash"] * 3 + ["sdpa_cudnn"] * 3
+    assert list(results["taken"]) == ["naive"]
+    report = (tmp_path / "reports" / "e1_scaling_smoke" / "report.md").read_text()
+    assert "Taken as they were from an earlier invocation (`--resume`), not measured again: `naive` (" in report
+    (runs_dir / "sdpa_flash" / experiment.RUN_RECORD).write_text('{"config": "sdpa_flash", "ro')   # cut short
+    swept.clear()
+    assert experiment.main([*args, "--resume", str(runs_dir)]) == 0
+    assert swept == [["sdpa_flash"]] and "sdpa_flash: run.json is unusable" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_e2_passkey_smoke(tmp_path, cache_dir):
     report_dir, results = run_smoke("e2_passkey", tmp_path, cache_dir)
     contexts = [run["seq_len"] for run in results["runs"]]
@@ -297,29 +335,53 @@ def test_extend_trains_only_the_added_runs(tmp_path, cache_dir, monkeypatch, cap
 
 @pytest.mark.slow
 def test_e4_extend_smoke(tmp_path, cache_dir):
+    """Per seed: the short base, then each method's fine-tune from that seed's base; every row scored on the same
+    tokens, the extended rows on passkey at each runner.passkey_lengths and the base at its own length."""
     report_dir, results = run_smoke("e4_extend", tmp_path, cache_dir)
     methods = ["none", "pi", "theta", "yarn"]
-    assert [run["run"] for run in results["runs"]] == ["short128", *[f"finetune_{m}" for m in methods]]
-    short, *tuned = results["runs"]
-    assert len({(run["steps"], run["tokens"]) for run in tuned}) == 1   # the same fine-tune for every method
-    for run in tuned:  # fine-tuned at the long context from the short run's weights
-        assert run["seq_len"] == 1024 and run["steps"] == 5
-        assert f"train.init_from={short['checkpoint']}" in run["overrides"]
-    config = [load_checkpoint(experiment.ROOT / run["checkpoint"])["model_config"] for run in tuned]
-    plain = config[0]                                                   # the control: RoPE as trained
-    assert (plain["rope_scaling_factor"], plain["rope_theta"], plain["rope_scaling"]) == (1.0, 10000.0, "linear")
-    assert config[1]["rope_scaling_factor"] == 8.0
-    assert config[2]["rope_theta"] == 100000.0
-    assert (config[3]["rope_scaling"], config[3]["rope_scaling_factor"], config[3]["rope_original_seq_len"]) == (
-        "yarn", 8.0, 128)
+    assert [run["run"] for run in results["runs"]] == [
+        label for seed in (0, 1) for label in (f"short128_seed{seed}", *[f"finetune_{m}_seed{seed}" for m in methods])]
+    for seed in (0, 1):
+        short, *tuned = [run for run in results["runs"] if run["seed"] == seed]
+        assert short["run"] == f"short128_seed{seed}" and len(tuned) == 4
+        assert len({(run["steps"], run["tokens"]) for run in tuned}) == 1   # the same fine-tune for every method
+        for run in tuned:  # fine-tuned at the long context from this seed's short run's weights
+            assert run["seq_len"] == 1024 and run["steps"] == 5
+            assert f"train.init_from={short['checkpoint']}" in run["overrides"]
+        config = [load_checkpoint(experiment.ROOT / run["checkpoint"])["model_config"] for run in tuned]
+        plain = config[0]                                                   # the control: RoPE as trained
+        assert (plain["rope_scaling_factor"], plain["rope_theta"], plain["rope_scaling"]) == (1.0, 10000.0, "linear")
+        assert config[1]["rope_scaling_factor"] == 8.0
+        assert config[2]["rope_theta"] == 100000.0
+        assert (config[3]["rope_scaling"], config[3]["rope_scaling_factor"], config[3]["rope_original_seq_len"]) == (
+            "yarn", 8.0, 128)
     variants = results["variants"]
     assert [(v["method"], v["finetune_steps"]) for v in variants] == [(None, 0)] + [
         (m, steps) for m in methods for steps in (0, 5)]
     assert [v["context"] for v in variants] == [128] + [1024] * 8
-    check_identical_tokens(results, variants)        # the 128-token windows too: every row on the same tokens
-    for v in variants:
-        assert 0 <= v["passkey_acc"] <= 1 and all(0 <= acc <= 1 for acc in v["by_depth"])
+    assert all(list(v["by_seed"]) == ["0", "1"] for v in variants)   # as results.json keeps them (JSON keys)
+    evaluations = [e for v in variants for e in v["by_seed"].values()]
+    check_identical_tokens(results, evaluations)   # the 128-token windows too: every row, every seed, the same tokens
+    base, *extended = variants
+    assert [set(e["passkey"]) for e in base["by_seed"].values()] == [{"128"}] * 2
+    assert all(set(e["passkey"]) == {"512", "1024"} for v in extended for e in v["by_seed"].values())
+    for e in evaluations:
+        assert all(0 <= acc <= 1 for acc in [*e["passkey"].values(), *e["by_depth"]])
     assert (report_dir / "extension.png").exists()
+    report = (report_dir / "report.md").read_text()
+    assert "| variant | windows | val loss | val ppl | passkey @128 | passkey @512 | passkey @1K |" in report
+    assert "mean ± standard deviation over seeds 0, 1" in report
+    # results written before seeds and passkey lengths (one evaluation a row, passkey at its window: the layout of
+    # reports of 2026-12-04 and earlier) still make a report, so --report-only need not retrain them
+    old = copy.deepcopy(results)
+    for v in old["variants"]:
+        e = v.pop("by_seed")["0"]
+        v |= {k: e[k] for k in ("loss", "loss_by_bin", "tokens_by_bin", "tokens", "digest", "by_depth")}
+        v["passkey_acc"] = e["passkey"][str(v["context"]) if v["method"] is None else "1024"]
+    (tmp_path / "old").mkdir()
+    experiment.write_report(old, tmp_path / "old")
+    report = (tmp_path / "old" / "report.md").read_text()
+    assert "| passkey @128 | passkey @1K |" in report and "over seeds" not in report
 
 
 # --- errors ----------------------------------------------------------------------------------------------
@@ -346,6 +408,15 @@ def test_config_error_is_one_line(tmp_path, cache_dir, capsys, override, key):
                             f"cache_dir={cache_dir}", override])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("config error: ") and key in err[-1]
+    assert not (tmp_path / "out").exists()              # no run started
+
+
+@pytest.mark.parametrize("lengths", ["[128]", "[2048]", "[512,512]"])   # not above the short context, past the long one
+def test_e4_passkey_lengths_are_checked(tmp_path, cache_dir, capsys, lengths):
+    code = experiment.main(["e4_extend_smoke", "--reports", str(tmp_path), "--outputs", str(tmp_path / "out"),
+                            f"cache_dir={cache_dir}", f"runner.passkey_lengths={lengths}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("config error: runner.passkey_lengths: ")
     assert not (tmp_path / "out").exists()              # no run started
 
 
