@@ -79,12 +79,17 @@ for s in "${steps[@]}"; do
       done ;;
     experiments)
       # E3, E2, E4 (EXPERIMENTS to choose), the site corpus prepared first; reports land in reports/<name>/ and
-      # are copied to $OUT. ~10, ~9 and ~7 minutes on one H200 plus ~3 to prepare: start it with setsid and
+      # are copied to $OUT. Measured on one H200: E3 13 minutes, E2 12, E4 5 with one seed (~10 with the
+      # config's two), ~3-5 to prepare the corpus: start it with setsid and
       # keep the machine held, since one call is limited to 10 minutes
+      # (E2-E4 share the site corpus at vocab 16384: one preparation). Beside each report the tarball holds the
+      # runs' records and metrics.jsonl (no checkpoints): with the records, `--resume DIR` (E1, E2, E3) or
+      # `--extend` goes on from them on another machine
       $PY scripts/prepare_data.py experiment=e3_context 2>&1 | tail -1
       for name in ${EXPERIMENTS:-e3_context e2_passkey e4_extend}; do
         $PY scripts/experiment.py "$name" logger=none 2>&1 | grep -v "train:" | tail -4
-        tar czf "$OUT/$name.tgz" "reports/$name"
+        tar czf "$OUT/$name.tgz" "reports/$name" $(find "outputs/experiments/$name" \( -name run.json -o \
+          -name metrics.jsonl \) 2>/dev/null)
       done ;;
     *) echo "unknown step $s (tests | bench | train | memory | kernel | e2e | tutorial | docs | experiments)"; exit 2 ;;
   esac
