@@ -634,6 +634,19 @@ def report_e3(res: dict, out: Path) -> tuple[str, str, list[str]]:
                         f"{human(ctl['span'])} model's. If it scores like its plain twin, the number of places per step "
                         f"does not matter; if it lags like the {human(ctl['span'])} model, the few places per step, "
                         "not the context, hold that model back.")
+        span = str(ctl["span"])
+        if span in scores:   # the gap to the longest context, split at the control (means over seeds)
+            def mean(by_seed: dict) -> float:
+                return float(np.mean([s["loss"] for s in by_seed.values()]))
+            for c, by_seed in ctl["scores"].items():
+                plain, control, longest = mean(scores[c]), mean(by_seed), mean(scores[span])
+                gap = longest - plain
+                sections[-1] += (
+                    f"\n\n- {human(int(c))}: the {human(ctl['span'])} model's loss minus the plain {human(int(c))} "
+                    f"model's: {gap:+.3f} nats/token; the control's minus the plain model's: {control - plain:+.3f} "
+                    f"(batches of few places, the same context); the {human(ctl['span'])} model's minus the "
+                    f"control's: {longest - control:+.3f} (the same places per step, the longer context)"
+                    + (f": {100 * (control - plain) / gap:.0f}% of the gap goes with the batches." if gap > 0 else "."))
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for c, color in zip(contexts, plt.cm.viridis(np.linspace(0, 0.85, len(contexts)))):
         plot_by_position(ax, edges, list(scores[c].values()), f"trained at {human(int(c))}", color)

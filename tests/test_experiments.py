@@ -225,6 +225,10 @@ def test_e3_context_smoke(tmp_path, cache_dir):
     report = (report_dir / "report.md").read_text()
     assert "all 8 evaluations scored these same tokens" in report and " ± " in report   # mean ± sd over seeds
     assert "| 64, rows of 256 spans |" in report and "ctx 64 (256 spans)" in report
+    mean = {name: sum(s["loss"] for s in by_seed.values()) / 2 for name, by_seed in
+            [*scores.items(), ("control", controls["scores"]["64"])]}
+    assert (f"- 64: the 256 model's loss minus the plain 64 model's: {mean['256'] - mean['64']:+.3f} nats/token; the "
+            f"control's minus the plain model's: {mean['control'] - mean['64']:+.3f}") in report   # the gap, split
     assert (report_dir / "loss_by_position.png").exists()
 
 
