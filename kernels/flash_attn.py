@@ -259,12 +259,14 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=Fals
         if t.shape != like.shape or t.dtype != like.dtype:
             raise ValueError(f"{name} must have q's shape {tuple(like.shape)} and dtype {like.dtype}, "
                              f"got {tuple(t.shape)} {t.dtype}")
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+    if lse.shape != lse_shape:
+        layout = "(nheads, total_q)" if cu_seqlens_q is not None else "(batch, nheads, seqlen_q)"
+        raise ValueError(f"lse must have shape {layout} = {lse_shape}, as the forward returned it, "
+                         f"got {tuple(lse.shape)}")
     left, right = normalize_window(causal, window_size)
     mods = () if softcap == 0.0 and alibi_slopes is None else (softcap, alibi_slopes)
     if uniform is not None:   # as the forward ran it (_attention): the batch launch, the gradients in varlen layout
-        if lse.shape != (q.shape[1], q.shape[0]):
-            raise ValueError(f"lse must have shape (nheads, total_q) = {(q.shape[1], q.shape[0])}, "
-                             f"got {tuple(lse.shape)}")
         qb, kb, vb, dob, ob = _as_batch(uniform, q, k, v, dout, out)
         lse_b = lse.view(q.shape[1], qb.shape[0], uniform[0]).transpose(0, 1).contiguous()   # (H, n*L) -> (n, H, L)
         grads = _flash_bwd_op(dob, None, qb, kb, vb, ob, lse_b, None, None, *uniform, scale, left, right,

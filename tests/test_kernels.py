@@ -465,6 +465,8 @@ def test_backward_from_kept_output_matches_autograd(varlen, device):
         assert torch.equal(g, leaf.grad)
     with pytest.raises(ValueError, match="dout must have q's shape"):
         flash_attn_backward(dout[..., :16], q, k, v, out.detach(), lse.detach(), **kw)
+    with pytest.raises(ValueError, match="lse must have shape"):   # e.g. the other layout's, or a row short
+        flash_attn_backward(dout, q, k, v, out.detach(), lse.detach()[..., :-1], **kw)
 
 
 def test_non_contiguous_inputs(device):
