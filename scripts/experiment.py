@@ -871,7 +871,8 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def spread(values: list, decimals: int | None = None) -> float | str | None:
     """Over seeds: one value as is, several as 'mean ± sample standard deviation'; None if any is None.
-    decimals: both to that many places (accuracies: 0.76 ± 0.00, not a float's rounding noise as 7.9e-17)."""
+    decimals: both to that many places (accuracies: 0.76 ± 0.00, not a float's rounding noise as 7.9e-17);
+    otherwise 4 significant digits and 2 for the deviation, trailing zeros kept (4.500 ± 0.035, not 4.5)."""
     if any(v is None for v in values):
         return None
     if len(values) == 1:
@@ -879,7 +880,7 @@ def spread(values: list, decimals: int | None = None) -> float | str | None:
     mean, sd = statistics.mean(values), statistics.stdev(values)
     if decimals is not None:
         return f"{mean:.{decimals}f} ± {sd:.{decimals}f}"
-    return f"{mean:.4g} ± {sd:.2g}"
+    return f"{mean:#.4g} ± {sd:#.2g}"
 
 
 def seed_note(seeds: list[int]) -> str:

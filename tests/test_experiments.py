@@ -535,3 +535,11 @@ def test_init_from_errors_name_the_key(make_cfg, tmp_path):
         train_module.train(make_cfg(f"train.init_from={tmp_path / 'first' / 'checkpoints' / LATEST}",
                                     "model.d_model=64", run="second"))
     assert e.value.key == "train.init_from"
+
+
+def test_spread_keeps_trailing_zeros():
+    # a loss of 4.500 printed as "4.5" in a column of 4.423 reads as a coarser measurement (E4's first 2-seed report)
+    assert experiment.spread([4.49, 4.51]) == "4.500 ± 0.014"
+    assert experiment.spread([5.0, 5.0]) == "5.000 ± 0.0"
+    assert experiment.spread([0.5, 0.7], 2) == "0.60 ± 0.14"
+    assert experiment.spread([4.5]) == 4.5 and experiment.spread([1.0, None]) is None
