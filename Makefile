@@ -38,6 +38,9 @@ kernel-report: ## registers, spills, serialized wgmma of each kernel compiled fo
 bench-context: ## context sweep: peak memory and tokens/s per backend and memory plan (CUDA)
 	$(PYTHON) scripts/bench_context.py $(ARGS)
 
+bench-step: ## where a training step's time goes: device time per kernel category, ours vs SDPA cuDNN (CUDA)
+	$(PYTHON) scripts/profile_step.py $(ARGS)
+
 # `make train model=gpt2_small data.seq_len=32768`: make reads `key=value` words as variable
 # definitions, so every variable set on the command line, except this Makefile's own, is passed
 # to train.py as a Hydra override (with `$(value ...)`, so `${...}` interpolations reach Hydra as typed).
@@ -73,4 +76,4 @@ data: $(STAMP) ## build a run's data cache ahead of it: make data [NAME=experime
 export: $(STAMP) ## write a Hugging Face model directory: make export CKPT=path OUT=dir
 	$(PY) scripts/export_hf.py '$(CKPT)' '$(OUT)' $(ARGS)
 
-.PHONY: help venv test test-gpu bench kernel-report bench-context train sample experiment data export
+.PHONY: help venv test test-gpu bench kernel-report bench-context bench-step train sample experiment data export
