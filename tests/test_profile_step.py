@@ -7,9 +7,9 @@ from scripts import profile_step
 
 
 @pytest.mark.parametrize("name, cat", [
-    ("_attn_fwd_hopper", "attention"), ("_attn_bwd_hopper", "attention"), ("_bwd_dq_kernel", "attention"),
+    ("_attn_fwd_hopper", "attention"), ("_attn_bwd_hopper", "attention"), ("_attn_bwd_preprocess", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
-    ("triton_tem_fused_flex_attention_0", "attention"), ("_rope_fwd_kernel", "rope"),
+    ("triton_tem_fused_flex_attention_0", "attention"), ("_rope_qkv_kernel", "rope"),
     ("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNN", "matmul"), ("sm90_xmma_gemm_bf16bf16_bf16f32", "matmul"),
     ("aten::addmm", "matmul"), ("multi_tensor_apply_kernel", "optimizer"),
     ("triton_red_fused__log_softmax_backward_data_3", "loss"), ("triton_per_fused_native_layer_norm_7", "norm"),
