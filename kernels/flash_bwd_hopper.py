@@ -301,7 +301,8 @@ _launch = Cached(_attn_bwd_hopper)
 
 def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, key, dq_acc: torch.Tensor | None = None,
              launch: tuple[int, int] | None = None):
-    """dK and dV into ``dk``, ``dv`` ((B, N, H_kv, D), contiguous); lse2 and delta (B, H, N) fp32, contiguous.
+    """dK and dV into ``dk``, ``dv`` ((B, N, H_kv, D) row views: contiguous heads, whole-batch rows, as a
+    head-sliced view of a contiguous tensor, rule bwd.head_groups); lse2 and delta (B, H, N) fp32, contiguous.
     With ``dq_acc`` (fp32 zeros like q, contiguous) also dQ / scale, accumulated there by TMA reduce-add (the
     order of the additions varies from run to run); without it the dQ pass is the caller's. ``launch``: (BLOCK_M,
     STAGES), policy.choose's (None: launch_config's).

@@ -198,7 +198,7 @@ def _problem(q, k, v, dout, left, right, varlen, batch, seqlen_q, seqlen_k, dete
     rows_ok = not varlen and all(map(flash_fwd_tma.rows_view_ok, (q, k, v)))
     return Problem(q.dtype, q.shape[-1], seqlen_q, seqlen_k, left, right, varlen, batch, q.shape[-2], k.shape[-2],
                    rows_ok, dout is None or (not varlen and flash_fwd_tma.rows_view_ok(dout)), deterministic,
-                   softcap > 0, alibi_slopes is not None)
+                   softcap > 0, alibi_slopes is not None, q.shape[0] if varlen else q.shape[0] * q.shape[1])
 
 
 # --- the policy's pieces one at a time, for tests, benchmarks and scripts (the overrides in force; each asks the
@@ -337,11 +337,18 @@ def attn_fwd(q, k, v, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
     return out, lse
 
 
+def dq_accumulator(shape, device) -> torch.Tensor:
+    """The fused dQ's fp32 accumulator (its own function: tests count what it allocates)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=None, cu_seqlens_k=None,
-             max_seqlen_q=None, max_seqlen_k=None, deterministic=True, softcap=0.0, alibi_slopes=None, overrides=None):
+             max_seqlen_q=None, max_seqlen_k=None, deterministic=True, softcap=0.0, alibi_slopes=None, overrides=None,
+             grads=None):
     """Gradients (dq, dk, dv) of ``out`` (and of ``lse`` when ``dlse`` is given). deterministic=False lets
     the dK/dV pass sum dQ in fp32 (five products per tile pair instead of seven) where policy.choose takes that.
-    softcap > 0 / alibi_slopes: the Triton kernel (flash_bwd.py) only. overrides: as attn_fwd's."""
+    softcap > 0 / alibi_slopes: the Triton kernel (flash_bwd.py) only. overrides: as attn_fwd's.
+    grads: (dq, dk, dv) to write into (views of a caller's, zeros for varlen; the head groups' calls below)."""
     dout = _contig_last(dout)
     q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
     # delta is allocated like lse and both are indexed with lse's strides: a caller's strided view of a
@@ -358,14 +365,19 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
     decision = _decision(q.device, overrides, key, (softcap > 0, alibi_slopes is not None),
                          q, k, v, dout, left, right, varlen, batch, seqlen_q, seqlen_k, deterministic, softcap,
                          alibi_slopes)
+    if grads is None:
+        grads = (alloc(q, memory_format=torch.contiguous_format), alloc(k, memory_format=torch.contiguous_format),
+                 alloc(v, memory_format=torch.contiguous_format))
+    if decision.dq_groups > 1:   # rule bwd.head_groups: kv heads in groups, each with its query heads
+        return _attn_bwd_groups(decision.dq_groups, grads, dout, dlse, q, k, v, out, lse, scale, left, right,
+                                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic, softcap,
+                                alibi_slopes, overrides, varlen)
     gluon = decision.bwd == "gluon"
     # dQ summed in fp32 by the dK/dV pass (decision.dq "fused"): by TMA reduce-add in the Gluon kernel, or by the
     # Triton kernel's atomics, into zeros the preprocess writes (rows no key block visits stay 0)
     fused = decision.dq == "fused"
-    dq = (torch.empty(q.shape, dtype=torch.float32, device=q.device) if fused
-          else alloc(q, memory_format=torch.contiguous_format))
-    dk = alloc(k, memory_format=torch.contiguous_format)
-    dv = alloc(v, memory_format=torch.contiguous_format)
+    dq = dq_accumulator(q.shape, q.device) if fused else grads[0]
+    dk, dv = grads[1], grads[2]
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse) if gluon else None   # the Gluon kernel's base-2 LSE, from the preprocess or dQ pass
     lse_strides = _lse_strides(lse, varlen)
@@ -410,9 +422,9 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
         if gluon:   # dQ (unscaled) reduce-added by TMA inside the dK/dV kernel
             flash_bwd_hopper.attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale, causal=right == 0, key=key, dq_acc=dq,
                                       launch=decision.bwd_gluon)
-            return torch.mul(dq, scale, out=torch.empty_like(q, memory_format=torch.contiguous_format)), dk, dv
+            return torch.mul(dq, scale, out=grads[0]), dk, dv
         launch("dkdv", n_dkdv, cfg)
-        return dq.to(q.dtype), dk, dv
+        return grads[0].copy_(dq), dk, dv
     if one_launch:
         launch("both", n_dkdv + n_dq, cfg)   # the dK/dV parameters' warps and stages for both kinds
         return dq, dk, dv
@@ -422,4 +434,27 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q=Non
                                   launch=decision.bwd_gluon)
     else:
         launch("dkdv", n_dkdv, cfg)
+    return dq, dk, dv
+
+
+def _attn_bwd_groups(groups, grads, dout, dlse, q, k, v, out, lse, scale, left, right, cu_seqlens_q, cu_seqlens_k,
+                     max_seqlen_q, max_seqlen_k, deterministic, softcap, alibi_slopes, overrides, varlen):
+    """attn_bwd over `groups` groups of kv heads, each with its query heads: head-sliced views of every input
+    (rows_view_ok holds for them, so the Gluon kernels still take them) and of the caller's gradients, which
+    each group's launches write into; the group's own allocations (the fp32 dQ accumulator, delta, its LSE) are
+    1/groups of the whole."""
+    nheads, nheads_k = q.shape[-2], k.shape[-2]
+    hk = nheads_k // groups
+    hq = hk * (nheads // nheads_k)
+    dq, dk, dv = grads
+    # the LSE's heads: (B, H, N) batch, (H, total) varlen; ALiBi slopes (H,) or (B, H)
+    lse_heads = (lambda t, s: t[s]) if varlen else (lambda t, s: t[:, s])
+    for g in range(groups):
+        sq, sk = slice(g * hq, (g + 1) * hq), slice(g * hk, (g + 1) * hk)
+        heads = lambda t, s: t[..., s, :]   # noqa: E731 - (..., H, D) tensors
+        attn_bwd(heads(dout, sq), None if dlse is None else lse_heads(dlse, sq), heads(q, sq), heads(k, sk),
+                 heads(v, sk), heads(out, sq), lse_heads(lse, sq), scale, left, right, cu_seqlens_q, cu_seqlens_k,
+                 max_seqlen_q, max_seqlen_k, deterministic, softcap,
+                 None if alibi_slopes is None else alibi_slopes[..., sq], overrides,
+                 grads=(heads(dq, sq), heads(dk, sk), heads(dv, sk)))
     return dq, dk, dv

@@ -96,6 +96,10 @@ GLUON_FWD_MIN_SEQLEN = _frozen({64: 4096, 128: 128})
 GLUON_BWD_MIN_CAUSAL_SEQLEN = 1024
 # Head dims at which the Gluon backward takes dQ too when the caller allows a non-deterministic dQ.
 FUSED_DQ_HEAD_DIMS = (64, 128)
+# The fused dQ's fp32 accumulator (rows x heads x head dim x 4 bytes) at most this large per launch: past it the
+# backward runs over groups of kv heads (rule bwd.head_groups), each with its own accumulator, writing into the
+# caller's full dQ/dK/dV. GPT-2 124M at 1M tokens (12 heads of 64): 3 GiB in one launch, 0.5 GiB in 6 groups.
+DQ_ACC_MAX_BYTES = 512 << 20
 # The deterministic backward as one launch when its grid is at most this many waves of one program per SM.
 ONE_LAUNCH_MAX_WAVES = 16
 GLUON_PASSES = ("fwd", "dkdv")
@@ -135,6 +139,7 @@ class Problem(NamedTuple):
     deterministic: bool = True
     softcap: bool = False      # softcap > 0
     alibi: bool = False        # alibi_slopes given
+    rows: int = 0              # q's rows in all (batch: B * N_q; varlen: total); 0: not known (one head group)
 
 
 class Overrides(NamedTuple):
@@ -147,6 +152,7 @@ class Overrides(NamedTuple):
     gluon_fwd_launch: tuple | None = None   # the Gluon forward's (BLOCK_N, STAGES) at every head dim
     gluon_bwd_launch: tuple | None = None   # the Gluon dK/dV kernel's (BLOCK_M, STAGES) at every head dim
     gluon_fwd_min_seqlen: tuple | None = None   # ((head dim, shortest seqlen), ...) instead of GLUON_FWD_MIN_SEQLEN
+    dq_acc_max_bytes: int | None = None   # instead of DQ_ACC_MAX_BYTES (tests: a few bytes, to split any backward)
 
     def config(self, pass_name: str) -> KernelConfig | None:
         for name, cfg in self.configs:
@@ -180,6 +186,7 @@ class Decision(NamedTuple):
     bwd_gluon: tuple | None    # (BLOCK_M, STAGES)
     pre_block: int
     rules: tuple               # names of the rules in RULES that fired
+    dq_groups: int = 1         # the backward over this many groups of kv heads, one launch set each (bwd.head_groups)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,6 +329,23 @@ def _dq_one_launch(m, o, p):
     return one_launch(m, o, p.dtype, dkdv, dq, programs)
 
 
+def dq_acc_bytes(p: Problem) -> int:
+    """The fused dQ's fp32 accumulator for all of q's heads."""
+    return p.rows * p.nheads * p.head_dim * 4
+
+
+def dq_head_groups(p: Problem, o: Overrides = DEFAULT) -> int:
+    """Rule bwd.head_groups's count: the fewest groups of kv heads (a divisor of nheads_k, so a query head's kv
+    head is in its group) whose accumulator is at most the cap; nheads_k where none is."""
+    cap = DQ_ACC_MAX_BYTES if o.dq_acc_max_bytes is None else o.dq_acc_max_bytes
+    acc = dq_acc_bytes(p)
+    return next((g for g in range(1, p.nheads_k + 1) if p.nheads_k % g == 0 and acc <= cap * g), p.nheads_k)
+
+
+def _head_groups(m, o, p):
+    return (_dq_fused_gluon(m, o, p) or _dq_fused_triton(m, o, p)) and dq_head_groups(p, o) > 1
+
+
 def _always(*_):
     return True
 
@@ -424,6 +448,18 @@ DQ_RULES = (
          "one launch and one read of dO fewer than a preprocess launch first (docs/perf-notes.md, session 17)",
          _always),
 )
+GROUP_RULES = (
+    Rule("bwd.head_groups", "the backward over dq_head_groups(problem) groups of kv heads (with their query heads), "
+         "each launch set with its own fp32 dQ accumulator, into the caller's full dQ, dK, dV",
+         "dQ fused (dq.fused_gluon or dq.fused_triton) and its accumulator for all heads larger than "
+         "DQ_ACC_MAX_BYTES (512 MiB; GPT-2 124M from ~170K tokens)",
+         "memory, not speed: E1 on the H200 (2026-12-04, docs/bench/h200-e1-2026-12-04), GPT-2 124M flash+plan at "
+         "1M: the attention backward held 7.59 GiB at the step's peak (the 3 GiB fp32 accumulator and the bf16 dQ "
+         "made from it, with dK, dV) against 4.55 GiB with the split dQ on the H100 (reports/e1_scaling), and "
+         "the peak was 24.6 GiB against 21.8. 6 groups hold 0.5 GiB of accumulator: ~2.5 GiB less. Each group's "
+         "grid at 1M is still 16K programs; the step time in groups is not measured yet", _head_groups),
+    Rule("bwd.all_heads", "one launch set for all heads", "everything else", "the default", _always),
+)
 TILE_RULES = (
     Rule("tiles.forced", "override_configs' tiles for the pass", "the pass's tiles forced", "an override (tests, "
          "sweeps)", _t_forced, lambda m, o, a: o.config(a[0])),
@@ -452,7 +488,7 @@ TILE_RULES = (
          "`make bench ARGS=--sweep` on an H100 (docs/perf-notes.md); dkdv_fused: "
          "docs/bench/h100-atomic-dq-2026-11-25.txt", _always, lambda m, o, a: SM90[a[0]][max(64, a[1])]),
 )
-RULES = FORWARD_RULES + BACKWARD_RULES + DQ_RULES + TILE_RULES
+RULES = FORWARD_RULES + BACKWARD_RULES + DQ_RULES + GROUP_RULES + TILE_RULES
 RULE_NAMES = tuple(rule.name for rule in RULES)
 
 
@@ -485,8 +521,9 @@ def choose(machine: Machine, problem: Problem, overrides: Overrides = DEFAULT) -
         fwd_tiles, why = tiles(m, o, "fwd", d_pad, p.dtype, p.right >= 0)
         fired.append("fwd:" + why)
 
-    bwd_rule, dq_rule = _first(BACKWARD_RULES, m, o, p), _first(DQ_RULES, m, o, p)
-    fired += [bwd_rule.name, dq_rule.name]
+    bwd_rule, dq_rule, group_rule = (_first(BACKWARD_RULES, m, o, p), _first(DQ_RULES, m, o, p),
+                                     _first(GROUP_RULES, m, o, p))
+    fired += [bwd_rule.name, dq_rule.name, group_rule.name]
     gluon = bwd_rule.name == "bwd.gluon"
     fused = dq_rule.name.startswith("dq.fused")
     dkdv_tiles, why = tiles(m, o, "dkdv_fused" if fused else "dkdv", d_pad, p.dtype, p.right >= 0)
@@ -499,4 +536,5 @@ def choose(machine: Machine, problem: Problem, overrides: Overrides = DEFAULT) -
     return Decision(fwd=fwd, fwd_tiles=fwd_tiles, fwd_gluon=fwd_gluon, bwd="gluon" if gluon else "triton",
                     dq=_DQ_MODE[dq_rule.name], dkdv_tiles=dkdv_tiles, dq_tiles=dq_tiles,
                     bwd_gluon=gluon_bwd_launch(p.head_dim, o) if gluon else None,
-                    pre_block=64 if m.kind == "cuda" else 32, rules=tuple(fired))
+                    pre_block=64 if m.kind == "cuda" else 32, rules=tuple(fired),
+                    dq_groups=dq_head_groups(p, o) if group_rule.name == "bwd.head_groups" else 1)

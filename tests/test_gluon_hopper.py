@@ -108,6 +108,21 @@ def test_fused_dq_matches_oracle(D, causal, B, N, H, Hk, dtype, calls, monkeypat
 
 
 @needs_hopper
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("B,N,H,Hk", [(2, 2048, 4, 4), (1, 2176, 6, 3)], ids=["B2", "gqa"])
+def test_fused_dq_in_head_groups_matches_oracle(D, B, N, H, Hk, calls, monkeypatch):
+    # rule bwd.head_groups (forced by a one-byte cap): the fused backward per group of kv heads on head-sliced
+    # views of q, k, v, dO and of the gradients it writes into; every group's launch takes the Gluon kernel
+    fused = fused_calls(monkeypatch)
+    inputs = make_qkv(B, N, N, H, Hk, D, torch.bfloat16, torch.device("cuda"))
+    with overriding(dq_acc_max_bytes=1):
+        check_against_oracle(lambda q, k, v: flash_attn_func(q, k, v, causal=True, return_lse=True,
+                                                             deterministic=False),
+                             lambda q, k, v: attention_ref(q, k, v, causal=True), inputs, dlse=True)
+    assert calls["dkdv"] == 2 * Hk and fused == [True] * (2 * Hk)   # two backwards, one launch per kv head
+
+
+@needs_hopper
 @pytest.mark.parametrize("fwd_launch,bwd_launch", [((128, 3), (64, 2)), ((64, 4), (64, 3)), ((64, 3), (32, 4))])
 def test_launch_variants_and_packed_qkv(fwd_launch, bwd_launch, calls, monkeypatch):
     # every launch shape the benchmark may pick, against the oracle; then q, k, v as views of one packed

@@ -134,6 +134,34 @@ def test_atomic_dq_backward_varlen(device):
             lambda q, k, v: attention_ref(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), [q, k, v])
 
 
+@pytest.mark.parametrize("layout", ["batch", "varlen", "alibi"])
+def test_head_groups_backward(layout, device, monkeypatch):
+    # rule bwd.head_groups, forced by a cap of one byte: the fused backward over groups of kv heads (3 kv heads of
+    # 2 query heads each: 3 groups), each with its own fp32 dQ accumulator, writing into the caller's gradients.
+    # The oracle's outputs and gradients (dLSE too), and every accumulator a group's size, not the whole's
+    sizes = []
+    real = launch_module.dq_accumulator
+    monkeypatch.setattr(launch_module, "dq_accumulator", lambda shape, dev: sizes.append(tuple(shape)) or real(shape, dev))
+    with override_atomic_dq(True), launch_module.overriding(dq_acc_max_bytes=1):
+        if layout == "varlen":
+            cu = torch.tensor([0, 9, 9, 50, 70], dtype=torch.int32, device=device)   # an empty document, 3 rows after
+            q = torch.randn(73, 6, 40, dtype=torch.bfloat16, device=device)
+            k, v = (torch.randn(73, 3, 40, dtype=torch.bfloat16, device=device) for _ in range(2))
+            check_against_oracle(
+                lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 41, 41, causal=True, return_lse=True,
+                                                       deterministic=False),
+                lambda q, k, v: attention_ref(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), [q, k, v],
+                dlse=True)
+        else:
+            slopes = torch.rand(2, 6, device=device) if layout == "alibi" else None   # (B, H): sliced per group
+            check_against_oracle(
+                lambda q, k, v: flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes, return_lse=True,
+                                                deterministic=False),
+                lambda q, k, v: attention_ref(q, k, v, causal=True, alibi_slopes=slopes),
+                make_qkv(2, 97, 97, 6, 3, 40, torch.bfloat16, device), dlse=True)
+    assert len(sizes) == 6 and all(s[-2] == 2 for s in sizes), sizes   # 2 backwards x 3 groups of 2 query heads
+
+
 def test_deterministic_false_takes_the_split_unless_forced(device, monkeypatch):
     # without the Gluon kernel, deterministic=False runs the deterministic split (faster where measured);
     # override_atomic_dq(True) runs the atomic variant: the launch's FUSED_DQ tells them apart
