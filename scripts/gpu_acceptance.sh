@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks behind the issues' closing notes, in one command (run on a CUDA machine):
-#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train] [memory] [kernel] [e2e] [tutorial] [docs] [experiments]
+#   OUT=results bash scripts/gpu_acceptance.sh [tests] [bench] [train] [memory] [kernel] [e2e] [tutorial] [docs] [experiments] [e1]
 # tests: the whole suite compiled on the GPU; bench: the kernel grid vs SDPA (make bench);
 # train: GPT-2 small at 16K context, 200 steps with our kernel and with SDPA, same seed and data;
 # memory: GPT-2 124M with and without the memory plan from 64K to 1M tokens, with what holds the
@@ -11,9 +11,12 @@
 # deterministic=True.
 # e2e: host microseconds per forward+backward (make bench --host-overhead), then GPT-2 124M's compiled
 # training step at 8K with our kernels (deterministic_attention false / true) and SDPA cuDNN, same machine,
-# then ours and cuDNN compiled with CUDA graphs (--compile reduce-overhead).
+# then ours and cuDNN compiled with CUDA graphs (--compile reduce-overhead), then where the compiled step's time
+# goes, ours beside cuDNN (make bench-step).
 # docs: the document-masked step against the dense one (bench_context's flash vs flash+docs, then train.py).
 # experiments: E3, E2, E4 end to end (EXPERIMENTS="e3_context ..." to choose), each report tarred into $OUT.
+# e1: E1's sweep (make experiment NAME=e1_scaling) resumed from recorded configurations: E1_RECORDS a directory of
+# <config>/run.json (e.g. docs/bench/h200-e1-2026-12-04/records); the report and every record tarred into $OUT.
 # tutorial: the grid in fp16 (the Triton tutorial's kernel is fp16 only) with the tutorial (its default call and
 # warp specialization off) beside ours (also with the opt-in TMA forward, ours_tma) and cuDNN;
 # TUTORIAL=path/to/06-fused-attention.py from a Triton checkout at the installed version (our tree does not
@@ -60,7 +63,8 @@ for s in "${steps[@]}"; do
       for c in flash sdpa_cudnn; do
         $PY scripts/bench_context.py --configs $c --start 8192 --max 8192 --steps 10 --compile reduce-overhead \
           --wandb none --out "$OUT/e2e_graphs_$c" 2>&1 | grep -v '^{"config"' | tail -3
-      done ;;
+      done
+      $PY scripts/profile_step.py --out "$OUT/profile_step" 2>&1 | grep -v '^{"config"' | tail -40 ;;
     tutorial)
       $PY scripts/bench_attention.py --dtype float16 --tutorial "${TUTORIAL:?set TUTORIAL to 06-fused-attention.py}" \
         --providers ours ours_det ours_tma tutorial tutorial_nows sdpa_cudnn --out "$OUT/tutorial" ${BENCH_ARGS:-} 2>&1 \
@@ -80,7 +84,7 @@ for s in "${steps[@]}"; do
     experiments)
       # E3, E2, E4 (EXPERIMENTS to choose), the site corpus prepared first; reports land in reports/<name>/ and
       # are copied to $OUT. Measured on one H200: E3 13 minutes, E2 12, E4 5 with one seed (~10 with the
-      # config's two), ~3-5 to prepare the corpus: start it with setsid and
+      # config's two: 10.0 measured), ~3-5 to prepare the corpus: start it with setsid and
       # keep the machine held, since one call is limited to 10 minutes
       # (E2-E4 share the site corpus at vocab 16384: one preparation). Beside each report the tarball holds the
       # runs' records and metrics.jsonl (no checkpoints): with the records, `--resume DIR` (E1, E2, E3) or
@@ -91,6 +95,14 @@ for s in "${steps[@]}"; do
         tar czf "$OUT/$name.tgz" "reports/$name" $(find "outputs/experiments/$name" \( -name run.json -o \
           -name metrics.jsonl \) 2>/dev/null)
       done ;;
-    *) echo "unknown step $s (tests | bench | train | memory | kernel | e2e | tutorial | docs | experiments)"; exit 2 ;;
+    e1)
+      # ~20-25 minutes for the seven configurations the 2026-12-04 records lack (flash+plan and sdpa_cudnn+bp to
+      # 1M, then the +docs rows, FlexAttention compiling at every point): start it with setsid, as experiments
+      dir=outputs/experiments/e1_scaling/${E1_DIR:-resumed}
+      mkdir -p "$dir"
+      [ -n "${E1_RECORDS:-}" ] && cp -r "$E1_RECORDS"/. "$dir"/
+      $PY scripts/experiment.py e1_scaling logger=none --resume "$dir" 2>&1 | grep -v '^{"config"' | tail -4
+      tar czf "$OUT/e1_scaling.tgz" reports/e1_scaling $(find "$dir" -name run.json) ;;
+    *) echo "unknown step $s (tests | bench | train | memory | kernel | e2e | tutorial | docs | experiments | e1)"; exit 2 ;;
   esac
 done
