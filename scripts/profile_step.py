@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts import bench_context  # noqa: E402
 from training.device import autocast, peak_flops, resolve_device  # noqa: E402
 from training.memory import warm_host_memory  # noqa: E402
-from training.validate import COMPILE_MODES  # noqa: E402
+from training.validate import COMPILE_MODES, CUDAGRAPH_MODES  # noqa: E402
 
 # (category, substrings of a lower-cased kernel or operator name); the first match wins, so the specific
 # kinds come before the generic ones (a compiled model's fused kernels are named after the ops they fuse:
@@ -81,8 +81,11 @@ def profile_config(name: str, model_name: str, seq_len: int, batch: int, device:
     inputs = batch_inputs(name, seq_len, batch, model.config.vocab_size, device, doc_len)
     attended = inputs.pop("attended", seq_len)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cudagraphs = cuda and compile in CUDAGRAPH_MODES   # as train.py: every step a new generation of graph outputs
 
     def step():
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if "cu_seqlens" in inputs:   # a new boundaries tensor per step, as a loader's batch
             inputs["cu_seqlens"] = inputs["cu_seqlens"].clone()
         with autocast("auto", device):
