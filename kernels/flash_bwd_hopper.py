@@ -55,7 +55,7 @@ def _producer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
     """One warp: K and V once, then every query tile's Q, dO, LSE and delta through the slot ring."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
      q_row0, k_row0, hk, m_lo, n_tiles, lse_base, stride_lh, offs_n0, qk_scale,
-     DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs,
+     DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs, DocStart,
      dq_desc, ds_bufs, dq_stage, ds_ready, ds_free) = args
     mbarrier.expect(kv_bar, 4 * k_desc.block_type.nbytes)
     for half in gl.static_range(2):
@@ -82,12 +82,13 @@ def _producer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
 
 @gluon.jit
 def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr, HALF: gl.constexpr):
+              CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr, DOCS: gl.constexpr, HALF: gl.constexpr):
     """One warpgroup: dK and dV of keys [offs_n0 + HALF * 64, + 64), stored in fp32 registers; with FUSED_DQ
-    also dQ of every other query tile (those with tile index % 2 == HALF), reduce-added into dq_desc."""
+    also dQ of every other query tile (those with tile index % 2 == HALF), reduce-added into dq_desc.
+    DOCS: a query sees the keys from its document's start (DocStart, per query) up to itself."""
     (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
      q_row0, k_row0, hk, m_lo, n_tiles, lse_base, stride_lh, offs_n0, qk_scale,
-     DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs,
+     DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs, DocStart,
      dq_desc, ds_bufs, dq_stage, ds_ready, ds_free) = args
     dtype: gl.constexpr = q_desc.dtype
     # S^T and dP^T: (64 keys, BLOCK_M queries); dK, dV: (64 keys, HEAD_DIM)
@@ -128,7 +129,10 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
             # causal: every tile takes the mask. Masking only the diagonal tiles (a runtime branch) cost
             # spills at d128 and 3% there (H200, docs/perf-notes.md); a separate masked loop serializes
             # the wgmma (two loops, as in the Triton kernel)
-            if CAUSAL:
+            if DOCS:   # causal within the query's document: its start <= key <= query
+                q_start = gl.load(DocStart + q_row0 + offs_m)
+                p_t = gl.where((offs_m[None, :] >= offs_n[:, None]) & (q_start[None, :] <= offs_n[:, None]), p_t, 0.0)
+            elif CAUSAL:
                 p_t = gl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
             p_op = gl.convert_layout(p_t.to(dtype), op_layout)
             dv = warpgroup_mma(p_op, do_s, dv, is_async=True)
@@ -179,8 +183,8 @@ def _consumer(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.con
 
 @gluon.jit
 def _consumer_hi(args, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                 CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr):
-    _consumer(args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ, 1)
+                 CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr, DOCS: gl.constexpr):
+    _consumer(args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ, DOCS, 1)
 
 
 @gluon.jit
@@ -192,15 +196,19 @@ def _store_tile(ptr, stride_row, offs_n, acc, layout: gl.constexpr, HEAD_DIM: gl
 @gluon.jit
 def _attn_bwd_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_desc, delta_desc, DK, DV, sm_scale, qk_scale,
                      seqlen,
-                     stride_lb, stride_lh, stride_dkm, stride_dvm,
+                     stride_lb, stride_lh, stride_dkm, stride_dvm, DocStart, DocEnd,
                      NUM_KV_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr):
+                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr,
+                     DOCS: gl.constexpr = False):
     """grid: (batch * NUM_KV_HEADS * seqlen / BLOCK_N,), key blocks of one head adjacent (heaviest first
     when causal). Q, dO, K, V descriptors are over (batch * seqlen, heads * HEAD_DIM) row views; DK, DV
     are (batch, seqlen, kv heads, HEAD_DIM) with row stride stride_dkm / stride_dvm; lse_desc and delta_desc
     are 1-D descriptors (tiles of BLOCK_M) over the flattened (batch, heads, seqlen) fp32 LSE times log2(e)
     (+inf where it is -inf) and delta, strides stride_lb, stride_lh. FUSED_DQ: dq_desc is an fp32
-    (batch * seqlen, heads * HEAD_DIM) accumulator of zeros (tiles BLOCK_M x DQ_COLS) that receives dS K."""
+    (batch * seqlen, heads * HEAD_DIM) accumulator of zeros (tiles BLOCK_M x DQ_COLS) that receives dS K.
+    DOCS (causal only): packed documents in the batch layout, DocStart / DocEnd (batch * seqlen,) int32 where
+    each token's document starts and ends (exclusive) within its row; the query loop ends at the tile holding
+    the end of the block's last key's document."""
     num_n = seqlen // BLOCK_N
     pid = gl.program_id(0)
     pid_bh = pid // num_n
@@ -210,7 +218,12 @@ def _attn_bwd_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_desc, delta_d
     q_row0 = b * seqlen
     k_row0 = q_row0 + n0
     m_lo = n0 if CAUSAL else 0
-    n_tiles = (seqlen - m_lo) // BLOCK_M
+    if DOCS:
+        gl.static_assert(CAUSAL, "documents are masked causally")
+        m_hi = gl.load(DocEnd + k_row0 + BLOCK_N - 1)   # the queries past it see none of these keys
+        n_tiles = (m_hi - m_lo + BLOCK_M - 1) // BLOCK_M
+    else:
+        n_tiles = (seqlen - m_lo) // BLOCK_M
     lse_base = b.to(gl.int64) * stride_lb
 
     dtype: gl.constexpr = q_desc.dtype
@@ -244,9 +257,9 @@ def _attn_bwd_hopper(q_desc, do_desc, k_desc, v_desc, dq_desc, lse_desc, delta_d
 
     args = (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, ready, empty, kv_bar,
             q_row0, k_row0, hk, m_lo, n_tiles, lse_base, stride_lh, n0, qk_scale,
-            DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs) + fused
-    gl.warp_specialize([(_consumer, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ, 0)),
-                        (_consumer_hi, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ)),
+            DK, DV, stride_dkm, stride_dvm, sm_scale, lse_desc, delta_desc, lse_bufs, delta_bufs, DocStart) + fused
+    gl.warp_specialize([(_consumer, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ, DOCS, 0)),
+                        (_consumer_hi, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL, FUSED_DQ, DOCS)),
                         (_producer, (args, GROUP, HEAD_DIM, BLOCK_M, STAGES, CAUSAL))],
                        [4, 1], [CONSUMER_REGS, 24])
 
@@ -300,7 +313,7 @@ _launch = Cached(_attn_bwd_hopper)
 
 
 def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, key, dq_acc: torch.Tensor | None = None,
-             launch: tuple[int, int] | None = None):
+             launch: tuple[int, int] | None = None, docs: tuple[torch.Tensor, torch.Tensor] | None = None):
     """dK and dV into ``dk``, ``dv`` ((B, N, H_kv, D) row views: contiguous heads, whole-batch rows, as a
     head-sliced view of a contiguous tensor, rule bwd.head_groups); lse2 and delta (B, H, N) fp32, contiguous.
     With ``dq_acc`` (fp32 zeros like q, contiguous) also dQ / scale, accumulated there by TMA reduce-add (the
@@ -311,7 +324,8 @@ def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, key
     NaN); kernels/flash_bwd.py writes it with delta (WRITE_LSE2: the preprocess kernel before the fused
     backward, the dQ pass before the deterministic one), so the loop, which bounds the d64 kernel by its
     elementwise work, neither selects nor scales (docs/perf-notes.md). ``key``: the launch's
-    kernels/dispatch.py key, which kernels/launch.py builds from its caller's tensors."""
+    kernels/dispatch.py key, which kernels/launch.py builds from its caller's tensors. ``docs``: packed
+    documents (causal only), (doc_start, doc_end) (B * N,) int32 (kernels/mask.py ``document_bounds``)."""
     batch, seqlen, nheads, head_dim = q.shape
     nheads_k = k.shape[2]
     bm, st = launch or launch_config(head_dim)
@@ -321,5 +335,6 @@ def attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale: float, causal: bool, key
         row_descriptor(v, HALF_N.value), None if dq_acc is None else dq_descriptor(dq_acc, bm),
         vector_descriptor(lse2, bm), vector_descriptor(delta, bm), dk, dv,
         scale, scale * 1.4426950408889634, seqlen, lse2.stride(0), lse2.stride(1), dk.stride(1), dv.stride(1),
+        *(docs or (None, None)),
         NUM_KV_HEADS=nheads_k, GROUP=nheads // nheads_k, HEAD_DIM=head_dim, BLOCK_M=bm, STAGES=st,
-        CAUSAL=causal, FUSED_DQ=dq_acc is not None, num_warps=4, maxnreg=MAXNREG)
+        CAUSAL=causal, FUSED_DQ=dq_acc is not None, DOCS=docs is not None, num_warps=4, maxnreg=MAXNREG)

@@ -19,6 +19,7 @@ Causal masking is applied only on the tiles that cross the diagonal. Scope: kern
 on (``supported``; kernels/policy.py decides, rule "fwd.gluon"); everything else runs the Triton forward. Tested
 on the GPU and compiled for sm_90a without one (tests/test_gluon_hopper.py, scripts/kernel_report.py).
 """
+import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -36,14 +37,14 @@ HALF_M = gl.constexpr(64)
 def _producer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """One warp: both halves of Q once, then K and V tile by tile through the slot ring."""
     (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, turn,
-     q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0) = args
+     q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0, j_lo, DocStart) = args
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     for half in gl.static_range(2):
         tma.async_copy_global_to_shared(q_desc, [q_row0 + half * HALF_M, h * HEAD_DIM], q_bar, q_smem.index(half))
-    for j in range(n_tiles):
+    for j in range(n_tiles):   # the program's j-th key tile is key tile j_lo + j (DOCS: from the first query's document)
         slot = j % STAGES
         mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
-        row = k_row0 + j * BLOCK_N
+        row = k_row0 + (j_lo + j) * BLOCK_N
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [row, hk * HEAD_DIM], k_ready.index(slot), k_bufs.index(slot))
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
@@ -51,23 +52,34 @@ def _producer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
 
 
 @gluon.jit
-def _softmax_step(s, j, m_i, l_i, qk_scale, offs_m, offs_c, first_row, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+def _softmax_step(s, j, m_i, l_i, qk_scale, offs_m, offs_c, first_row, q_start, last_start, BLOCK_N: gl.constexpr,
+                  CAUSAL: gl.constexpr, DOCS: gl.constexpr):
     """Key tile j's raw scores s -> (probabilities p, new running max, new running sum, rescale factor).
     The max is taken on the raw scores (qk_scale > 0), so each score costs one FFMA (s * scale - max), not
     a multiply and a subtract. Causal: only tiles reaching past this warpgroup's first row are masked;
-    every row sees key 0 in the first tile, so its running max is finite from then on."""
+    every row sees key 0 in the first tile, so its running max is finite from then on.
+    DOCS: keys before a row's document start (q_start, per row) are masked too, on the tiles that begin before
+    the last row's start; a row may then see no key in its first tiles, so the exponentials subtract 0 where
+    the running max is still -inf (p and the rescale factor 0, not NaN)."""
     if CAUSAL:
         if (j + 1) * BLOCK_N > first_row + 1:
             s = gl.where(offs_m[:, None] >= (j * BLOCK_N + offs_c)[None, :], s, float("-inf"))
+    if DOCS:
+        if j * BLOCK_N < last_start:
+            s = gl.where((j * BLOCK_N + offs_c)[None, :] >= q_start[:, None], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
+    if DOCS:
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = gl.exp2(s * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
     return p, m_new, l_i * alpha + gl.sum(p, 1), alpha
 
 
 @gluon.jit
 def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-              HALF: gl.constexpr):
+              DOCS: gl.constexpr, HALF: gl.constexpr):
     """One warpgroup: output rows [m0 + HALF * 64, + 64) and their LSE.
 
     Software-pipelined by one tile: iteration j issues S_j = Q K_j^T and then O += P_{j-1} V_{j-1}, waits
@@ -78,7 +90,7 @@ def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
     rest: the two warpgroups take turns issuing ("turn" mbarriers, FA3's ping-pong), so one's products
     run while the other computes exponentials instead of both doing the same thing at the same time."""
     (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, turn,
-     q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0) = args
+     q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0, j_lo, DocStart) = args
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = warpgroup_layout(BLOCK_N)
     o_layout: gl.constexpr = warpgroup_layout(HEAD_DIM)
@@ -97,6 +109,12 @@ def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
     acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
     s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
     q_s = q_smem.index(HALF)
+    if DOCS:   # each row's document start (row-relative); the last row's is the largest
+        q_start = gl.load(DocStart + q_row0 + HALF * HALF_M + gl.arange(0, HALF_M, layout=row_s))
+        last_start = gl.max(q_start, 0)
+    else:
+        q_start = offs_m
+        last_start = 0
     mbarrier.wait(q_bar, 0)
 
     # tile 0: scores only
@@ -105,9 +123,9 @@ def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
     s = warpgroup_mma(q_s, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
     mbarrier.arrive(other, count=1)
     s = warpgroup_mma_wait(0, deps=(s, ))
-    p, m_i, l_i, alpha = _softmax_step(s, 0, gl.full([HALF_M], float("-inf"), gl.float32, row_s),
+    p, m_i, l_i, alpha = _softmax_step(s, j_lo, gl.full([HALF_M], float("-inf"), gl.float32, row_s),
                                        gl.zeros([HALF_M], gl.float32, row_s), qk_scale, offs_m, offs_c, first_row,
-                                       BLOCK_N, CAUSAL)
+                                       q_start, last_start, BLOCK_N, CAUSAL, DOCS)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
     for j in range(1, n_tiles):
         slot = j % STAGES
@@ -123,7 +141,8 @@ def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
         acc = warpgroup_mma(p_op, v_bufs.index(prev), acc, is_async=True)
         mbarrier.arrive(other, count=1)
         s = warpgroup_mma_wait(1, deps=(s, ))
-        p, m_i, l_i, alpha = _softmax_step(s, j, m_i, l_i, qk_scale, offs_m, offs_c, first_row, BLOCK_N, CAUSAL)
+        p, m_i, l_i, alpha = _softmax_step(s, j_lo + j, m_i, l_i, qk_scale, offs_m, offs_c, first_row, q_start,
+                                           last_start, BLOCK_N, CAUSAL, DOCS)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -146,17 +165,21 @@ def _consumer(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.co
 
 
 @gluon.jit
-def _consumer_hi(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    _consumer(args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, 1)
+def _consumer_hi(args, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 DOCS: gl.constexpr):
+    _consumer(args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, DOCS, 1)
 
 
 @gluon.jit
-def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_om, stride_lb, stride_lh,
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_om, stride_lb, stride_lh, DocStart,
                      NUM_HEADS: gl.constexpr, GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, DOCS: gl.constexpr = False):
     """grid: (batch * NUM_HEADS * seqlen / BLOCK_M,), a head's query blocks adjacent, longest rows first.
     Descriptors over (batch * seqlen, heads * HEAD_DIM) row views; Out (batch, seqlen, heads, HEAD_DIM)
-    with row stride stride_om; LSE (batch, heads, seqlen) fp32."""
+    with row stride stride_om; LSE (batch, heads, seqlen) fp32.
+    DOCS (causal only): packed documents in the batch layout, DocStart (batch * seqlen,) int32 the row-relative
+    position where each token's document starts; a query sees the keys of its own document up to itself, and
+    the key loop starts at the tile of the program's first query's document."""
     num_m = seqlen // BLOCK_M
     pid = gl.program_id(0)
     pid_bh = pid // num_m
@@ -168,6 +191,12 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_
     k_row0 = b * seqlen
     n_tiles = (m0 + BLOCK_M) // BLOCK_N if CAUSAL else seqlen // BLOCK_N
     lse_row0 = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + m0
+    if DOCS:
+        gl.static_assert(CAUSAL, "documents are masked causally")
+        j_lo = gl.load(DocStart + q_row0) // BLOCK_N
+    else:
+        j_lo = 0
+    n_tiles = n_tiles - j_lo
 
     gl.static_assert(STAGES >= 3, "a slot is released two tiles after its scores: the ring needs 3 slots")
     dtype: gl.constexpr = q_desc.dtype
@@ -189,9 +218,9 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, LSE, qk_scale, seqlen, stride_
     fence_async_shared()
 
     args = (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, empty, turn,
-            q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0)
-    gl.warp_specialize([(_consumer, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, 0)),
-                        (_consumer_hi, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            q_row0, k_row0, h, hk, m0, n_tiles, qk_scale, Out, LSE, stride_om, lse_row0, j_lo, DocStart)
+    gl.warp_specialize([(_consumer, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, DOCS, 0)),
+                        (_consumer_hi, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, DOCS)),
                         (_producer, (args, HEAD_DIM, BLOCK_N, STAGES, CAUSAL))],
                        [4, 1], [CONSUMER_REGS, 24])
 
@@ -227,15 +256,18 @@ def override_launch(block_n: int, stages: int):
 _launch = Cached(_attn_fwd_hopper)
 
 
-def attn_fwd(q, k, v, out, lse, scale: float, causal: bool, key, launch: tuple[int, int] | None = None):
+def attn_fwd(q, k, v, out, lse, scale: float, causal: bool, key, launch: tuple[int, int] | None = None,
+             doc_start: torch.Tensor | None = None):
     """Output into ``out`` ((B, N, H, D), contiguous) and the natural-log LSE into ``lse`` ((B, H, N) fp32).
     ``key``: the launch's kernels/dispatch.py key, which kernels/launch.py builds from its caller's tensors;
-    ``launch``: (BLOCK_N, STAGES), policy.choose's (None: launch_config's)."""
+    ``launch``: (BLOCK_N, STAGES), policy.choose's (None: launch_config's). ``doc_start``: packed documents
+    (causal only): (B * N,) int32, where each token's document starts within its row (kernels/mask.py
+    ``document_bounds``)."""
     batch, seqlen, nheads, head_dim = q.shape
     block_n, stages = launch or launch_config(head_dim)
     grid = (batch * nheads * (seqlen // BLOCK_M.value),)
     _launch(
         key, grid, row_descriptor(q, HALF_M.value), row_descriptor(k, block_n), row_descriptor(v, block_n), out, lse,
-        scale * 1.4426950408889634, seqlen, out.stride(1), lse.stride(0), lse.stride(1),
+        scale * 1.4426950408889634, seqlen, out.stride(1), lse.stride(0), lse.stride(1), doc_start,
         NUM_HEADS=nheads, GROUP=nheads // k.shape[2], HEAD_DIM=head_dim, BLOCK_N=block_n, STAGES=stages,
-        CAUSAL=causal, num_warps=4, maxnreg=MAXNREG)
+        CAUSAL=causal, DOCS=doc_start is not None, num_warps=4, maxnreg=MAXNREG)

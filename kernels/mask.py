@@ -123,3 +123,17 @@ def _tile_visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
     if HAS_LEFT:
         vis = vis & (offs_n[None, :] >= diag - window_left)
     return vis
+
+
+def document_bounds(cu_seqlens: torch.Tensor, batch: int, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed documents in the batch layout: for each of the batch * seqlen tokens, (start, end) int32 of its
+    document within its row (end exclusive), from boundaries over the flattened tokens (a loader's cu_seqlens:
+    every row start among them; trailing copies of batch * seqlen, empty documents, allowed). Device ops only,
+    no read-back: what the Gluon kernels' DOCS variants take (kernels/flash_fwd_hopper.py, flash_bwd_hopper.py)."""
+    cu = cu_seqlens.to(torch.int64)
+    tokens = torch.arange(batch * seqlen, device=cu.device)
+    doc = torch.searchsorted(cu, tokens, right=True) - 1
+    row0 = tokens - tokens % seqlen
+    start = torch.maximum(cu[doc], row0) - row0
+    end = torch.minimum(cu[doc + 1], row0 + seqlen) - row0
+    return start.to(torch.int32), end.to(torch.int32)

@@ -46,12 +46,14 @@ from kernels.hopper import MAXNREG, row_descriptor  # noqa: E402
 MODEL_DIM = 2048                                   # as scripts/bench_attention.py
 # pass -> kernel; "bwd" is the one-launch backward (dK/dV and dQ programs in one grid, the dK/dV
 # parameters' warps and stages), compiled with the dkdv and dq entries' tiles
+# "fwd_ws_docs", "bwd_ws_docs": the same forward and fused backward with packed documents (DOCS; causal only)
 # "fwd_ws", "dkdv_ws", "bwd_ws": the warp-specialized Gluon kernels (kernels/flash_{fwd,bwd}_hopper.py), with
 # their own launch parameters (--ws sets the backward's); bwd_ws is the backward with dQ fused (TMA reduce-add)
 # "fwd_tma": the forward with TMA loads for dense whole-tile inputs (kernels/flash_fwd_tma.py, opt-in), with the
 # fwd entry's parameters
 KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd, "dq": _attn_bwd, "bwd": _attn_bwd,
            "fwd_ws": fws._attn_fwd_hopper, "dkdv_ws": ws._attn_bwd_hopper, "bwd_ws": ws._attn_bwd_hopper,
+           "fwd_ws_docs": fws._attn_fwd_hopper, "bwd_ws_docs": ws._attn_bwd_hopper,
            "fwd_tma": flash_fwd_tma._attn_fwd_tma}
 FP32_POINTERS = {"LSE", "Delta", "DLse", "Lse2"}
 
@@ -135,23 +137,25 @@ def compile_gluon(pass_name: str, d: int, causal: bool):
     heads, n = MODEL_DIM // d, 1024
     q, k, v, do = (torch.empty(1, n, heads, d, dtype=torch.bfloat16) for _ in range(4))
     lse = torch.empty(1, heads, n)
-    if pass_name == "fwd_ws":
+    docs = pass_name.endswith("_docs")
+    bounds = (torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32)) if docs else (None, None)
+    if pass_name.startswith("fwd_ws"):
         block_n, stages = fws.launch_config(d)
         cfg = KernelConfig(fws.BLOCK_M.value, block_n, 4, stages)
         args = (row_descriptor(q, fws.HALF_M.value), row_descriptor(k, block_n), row_descriptor(v, block_n), q, lse,
-                0.1, n, q.stride(1), lse.stride(0), lse.stride(1))
-        kwargs = dict(NUM_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal)
+                0.1, n, q.stride(1), lse.stride(0), lse.stride(1), bounds[0])
+        kwargs = dict(NUM_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal, DOCS=docs)
     else:
         block_m, stages = ws.launch_config(d)
         cfg = KernelConfig(block_m, ws.BLOCK_N.value, 4, stages)
-        fused = pass_name == "bwd_ws"
+        fused = pass_name.startswith("bwd_ws")
         dq = ws.dq_descriptor(torch.empty(1, n, heads, d), block_m) if fused else None
         args = (row_descriptor(q, block_m), row_descriptor(do, block_m), row_descriptor(k, ws.HALF_N.value),
                 row_descriptor(v, ws.HALF_N.value), dq, ws.vector_descriptor(lse, block_m),
                 ws.vector_descriptor(lse, block_m), k, v, 0.1, 0.1, n, lse.stride(0), lse.stride(1),
-                k.stride(1), v.stride(1))
+                k.stride(1), v.stride(1), *bounds)
         kwargs = dict(NUM_KV_HEADS=heads, GROUP=1, HEAD_DIM=d, BLOCK_M=block_m, STAGES=stages, CAUSAL=causal,
-                      FUSED_DQ=fused)
+                      FUSED_DQ=fused, DOCS=docs)
     kwargs.update(num_warps=4, maxnreg=MAXNREG)
     return _bind_and_compile(KERNELS[pass_name], GluonASTSource, args, kwargs), cfg
 
@@ -159,7 +163,7 @@ def compile_gluon(pass_name: str, d: int, causal: bool):
 def report(pass_name: str, d: int, causal: bool, cfg: KernelConfig, cfg_dq: KernelConfig | None = None) -> dict:
     """Compile one kernel and read ptxas's and the SASS's account of it."""
     fn = KERNELS[pass_name]
-    if pass_name.endswith("_ws"):
+    if "_ws" in pass_name:
         compiled, cfg = compile_gluon(pass_name, d, causal)
     elif pass_name == "fwd_tma":
         compiled = compile_tma(d, causal, cfg)
@@ -235,8 +239,10 @@ def main(argv=None) -> int:
     for d in args.dims:
         for causal in map(bool, args.causal):
             for pass_name in args.passes:
-                table = {"bwd": "dkdv", "dkdv_ws": "dkdv", "bwd_ws": "dkdv", "fwd_ws": "fwd",
-                         "fwd_tma": "fwd"}.get(pass_name, pass_name)
+                if pass_name.endswith("_docs") and not causal:   # documents are masked causally
+                    continue
+                table = {"bwd": "dkdv", "dkdv_ws": "dkdv", "bwd_ws": "dkdv", "fwd_ws": "fwd", "fwd_ws_docs": "fwd",
+                         "bwd_ws_docs": "dkdv", "fwd_tma": "fwd"}.get(pass_name, pass_name)
                 cfg = chosen.get(table) or hopper_config(table, d, causal)
                 r = report(pass_name, d, causal, cfg, chosen.get("dq") or hopper_config("dq", d, causal))
                 rows.append(r)

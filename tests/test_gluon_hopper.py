@@ -246,6 +246,79 @@ def test_compile_for_hopper_warp_specialized():
         assert not r["serialized_wgmma"] and r["hgmma"] > 0 and r["depbar"] < r["hgmma"] / 4
 
 
+@pytest.mark.skipif(not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists(),
+                    reason="this Triton has no bundled ptxas")
+def test_compile_document_variants_for_hopper():
+    # no GPU needed: the DOCS variants (packed documents in the batch layout) compile for sm_90a as the plain ones
+    # do, and at GPT-2's head dim 64 without spills (at d128 the backward spills, as its plain variant does, more)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_report.py"), "--dims", "64", "--causal", "1",
+                          "--passes", "fwd_ws_docs", "bwd_ws_docs", "--json"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    reports = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
+    assert [r["pass_name"] for r in reports] == ["fwd_ws_docs", "bwd_ws_docs"] and reports[1]["tma_reduce"] > 0
+    for r in reports:
+        assert r["setmaxnreg"] > 0 and r["spill_stores"] == 0 and not r["serialized_wgmma"]
+
+
+def packed_rows(B, N, seed=0):
+    """Boundaries over B rows of N tokens as the loader makes them (a boundary at every row start): documents of
+    1 token, shorter than a tile, across tile edges, and one as long as the row."""
+    g = torch.Generator().manual_seed(seed)
+    cu = [0]
+    for b in range(B):
+        if b == B - 1 and B > 1:   # one row of a single document
+            cu.append((b + 1) * N)
+            continue
+        pos = 0
+        for n in [1, 63, 64, 129] + [int(x) for x in torch.randint(1, 700, (64,), generator=g)]:
+            if pos + n >= N:
+                break
+            pos += n
+            cu.append(b * N + pos)
+        cu.append((b + 1) * N)
+    return torch.tensor(cu, dtype=torch.int32)
+
+
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("B,N,H,Hk", [(2, 2048, 2, 2), (3, 2176, 4, 2)], ids=["B2", "gqa"])
+def test_documents_in_the_batch_layout_match_the_varlen_oracle(D, B, N, H, Hk):
+    # the DOCS variants called directly (no launcher routes to them yet): out and LSE of the forward, dQ, dK, dV of
+    # the fused backward, against the float64 oracle on the same tokens as varlen documents; errors within twice
+    # those of the oracle run in bf16, as check_against_oracle's criterion
+    import kernels.launch as launch
+    from kernels.mask import document_bounds
+    dev = torch.device("cuda")
+    cu = packed_rows(B, N).to(dev)
+    start, end = document_bounds(cu, B, N)
+    q, k, v = make_qkv(B, N, N, H, Hk, D, torch.bfloat16, dev)
+    dout = torch.randn_like(q)
+    scale = D ** -0.5
+    out, lse = torch.empty_like(q), torch.empty(B, H, N, device=dev, dtype=torch.float32)
+    fwd_hopper.attn_fwd(q, k, v, out, lse, scale, True, ("docs-test", launch.signature(q, k, v, out, lse, start)),
+                        doc_start=start)
+    lse2 = (lse * 1.4426950408889634).contiguous()
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()   # (B, H, N), as the preprocess
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev)
+    bwd_hopper.attn_bwd(q, k, v, dout, lse2, delta, dk, dv, scale, True,
+                        ("docs-test", launch.signature(q, k, v, dout, lse2, start, end)), dq_acc=dq_acc,
+                        docs=(start, end))
+    got = [out, lse, dq_acc * scale, dk, dv]
+
+    def oracle(dtype):
+        flat = [t.reshape(B * N, *t.shape[2:]).to(dtype).requires_grad_() for t in (q, k, v)]
+        o, l = attention_ref(*flat, softmax_scale=scale, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        (o.double() * dout.reshape(B * N, H, D).double()).sum().backward()
+        return [o.view(B, N, H, D), l.view(H, B, N).transpose(0, 1), *(t.grad.view(B, N, *t.shape[1:]) for t in flat)]
+    ref, low = oracle(torch.float64), oracle(torch.bfloat16)
+    for name, g, r, lo in zip(["out", "lse", "dq", "dk", "dv"], got, ref, low):
+        err, base = (g.double() - r).abs().max().item(), (lo.double() - r).abs().max().item()
+        assert err <= 2 * base + 1e-5, f"{name}: error {err:.3g} > 2 x {base:.3g}"
+
+
 def test_unchecked_descriptors_match_the_checked_constructor():
     # kernels/hopper.py builds its TMA descriptors without TensorDescriptor's checks (host time): for the
     # tensors the kernels take, the checked constructor accepts the same fields

@@ -845,3 +845,21 @@ def test_bench_tutorial_provider(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             bench_attention.main()
         assert message in capsys.readouterr().err
+
+
+def test_document_bounds_per_token():
+    # kernels/mask.py document_bounds against a loop over the documents: row-relative starts and ends, a document
+    # cut at a row start (the loader puts a boundary there), trailing empty documents (bucket padding)
+    from kernels.mask import document_bounds
+    B, T = 3, 16
+    cu = torch.tensor([0, 5, 16, 20, 37, 48, 48, 48], dtype=torch.int32)
+    start, end = document_bounds(cu, B, T)
+    want_start, want_end = [], []
+    for t in range(B * T):
+        d = max(i for i in range(len(cu) - 1) if cu[i] <= t < cu[i + 1])
+        row0 = t // T * T
+        want_start.append(max(int(cu[d]), row0) - row0)
+        want_end.append(min(int(cu[d + 1]), row0 + T) - row0)
+    assert start.dtype == end.dtype == torch.int32
+    assert start.tolist() == want_start and end.tolist() == want_end
+    assert start.tolist()[32:37] == [0, 0, 0, 0, 0] and end.tolist()[36] == 5   # row 2: [32, 37) then [37, 48)
