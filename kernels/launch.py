@@ -447,11 +447,11 @@ def _attn_bwd_groups(groups, grads, dout, dlse, q, k, v, out, lse, scale, left, 
     hk = nheads_k // groups
     hq = hk * (nheads // nheads_k)
     dq, dk, dv = grads
-    # the LSE's heads: (B, H, N) batch, (H, total) varlen; ALiBi slopes (H,) or (B, H)
+    # the LSE's heads: (B, H, N) batch, (H, total) varlen; (..., H, D) tensors; ALiBi slopes (H,) or (B, H)
     lse_heads = (lambda t, s: t[s]) if varlen else (lambda t, s: t[:, s])
+    heads = lambda t, s: t[..., s, :]   # noqa: E731
     for g in range(groups):
         sq, sk = slice(g * hq, (g + 1) * hq), slice(g * hk, (g + 1) * hk)
-        heads = lambda t, s: t[..., s, :]   # noqa: E731 - (..., H, D) tensors
         attn_bwd(heads(dout, sq), None if dlse is None else lse_heads(dlse, sq), heads(q, sq), heads(k, sk),
                  heads(v, sk), heads(out, sq), lse_heads(lse, sq), scale, left, right, cu_seqlens_q, cu_seqlens_k,
                  max_seqlen_q, max_seqlen_k, deterministic, softcap,

@@ -326,6 +326,15 @@ def seconds(a, b) -> float:
     return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
 
 
+def pass_context(name: str):
+    """What a configuration's forward and backward passes each run under (a context manager factory):
+    flash_triton keeps our kernels off the Gluon ones (kernels/launch.py override_gluon); the rest, nothing."""
+    if name == "flash_triton":   # imported here, as the model imports the kernels: the SDPA configs need no Triton
+        from kernels.launch import override_gluon
+        return override_gluon
+    return contextlib.nullcontext
+
+
 def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torch.device,
               compile: bool | str = False, doc_len: int = DOC_LEN) -> dict:
     """`steps` training steps at seq_len; raises torch.OutOfMemoryError when it does not fit.
@@ -346,10 +355,7 @@ def run_point(name: str, model_name: str, seq_len: int, steps: int, device: torc
     mode = "default" if compile is True else compile
     step_model = torch.compile(model, mode=mode) if compile else model
     cudagraphs = cuda and mode in CUDAGRAPH_MODES   # as train.py: every step a new generation of graph outputs
-    kernels = contextlib.nullcontext   # entered per pass
-    if name == "flash_triton":   # imported here, as the model imports the kernels: the SDPA configs need no Triton
-        from kernels.launch import override_gluon
-        kernels = override_gluon
+    kernels = pass_context(name)   # entered per pass
     x = torch.randint(0, cfg.vocab_size, (1, seq_len), device=device)
     y = torch.randint(0, cfg.vocab_size, (1, seq_len), device=device)
     docs, attended = {}, seq_len   # attended: keys per query as flops_per_token counts them (causal: seq_len)

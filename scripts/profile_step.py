@@ -82,15 +82,17 @@ def profile_config(name: str, model_name: str, seq_len: int, batch: int, device:
     attended = inputs.pop("attended", seq_len)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cudagraphs = cuda and compile in CUDAGRAPH_MODES   # as train.py: every step a new generation of graph outputs
+    kernels = bench_context.pass_context(name)
 
     def step():
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         if "cu_seqlens" in inputs:   # a new boundaries tensor per step, as a loader's batch
             inputs["cu_seqlens"] = inputs["cu_seqlens"].clone()
-        with autocast("auto", device):
+        with autocast("auto", device), kernels():
             _, loss = step_model(**inputs)
-        loss.backward()
+        with kernels():
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

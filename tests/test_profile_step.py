@@ -45,3 +45,18 @@ def test_bad_arguments_are_one_line(args, key, tmp_path, capsys):
     err = capsys.readouterr().err
     assert key in err and err.count("\n") == 1
     assert not (tmp_path / "p").exists()   # nothing written before the arguments are checked
+
+
+def test_passes_run_under_the_configurations_context(tmp_path, monkeypatch):
+    # flash_triton's passes keep off the Gluon kernels in bench_context's sweep; the profile runs them the same way
+    import contextlib
+    from kernels.launch import override_gluon
+    from scripts import bench_context
+    assert bench_context.pass_context("flash_triton") is override_gluon
+    entered = []
+    monkeypatch.setattr(bench_context, "pass_context",
+                        lambda name: lambda: entered.append(name) or contextlib.nullcontext())
+    assert profile_step.main(["--model", "tiny", "--configs", "sdpa_flash", "--seq-len", "32", "--device", "cpu",
+                              "--no-compile", "--warmup", "1", "--steps", "1", "--profile-steps", "1",
+                              "--out", str(tmp_path / "p")]) == 0
+    assert entered and set(entered) == {"sdpa_flash"} and len(entered) == 2 * 3   # forward and backward, 3 steps
